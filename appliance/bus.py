@@ -1,0 +1,99 @@
+"""The narrow typed channel between the supervisor and its media workers.
+
+msgspec structs encoded as MessagePack over ZeroMQ (ROUTER in the supervisor, one DEALER
+per worker whose identity is `worker_identity(index)`). JSON exists only at the browser
+edge; here the protocol structs travel already parsed.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from appliance import protocol
+
+
+class _Msg(msgspec.Struct, tag_field="t", array_like=True):
+    pass
+
+
+# -- supervisor -> worker ---------------------------------------------------------------
+
+
+class StartCall(_Msg, tag="start"):
+    """A validated `offer` placed on this worker's `channel`, from WebSocket `conn`."""
+
+    conn: int
+    channel: int
+    offer: protocol.Offer
+
+
+class ClientAction(_Msg, tag="client"):
+    """ice / release / peerdata / DTMF from the browser for a call on `channel`."""
+
+    conn: int
+    channel: int
+    action: protocol.Action
+
+
+class ConnectionClosed(_Msg, tag="closed"):
+    """The browser's WebSocket went away: its calls are released at once."""
+
+    conn: int
+    channels: list[int]
+
+
+class Shutdown(_Msg, tag="shutdown"):
+    cause: int
+    causestring: str
+
+
+# -- worker -> supervisor ---------------------------------------------------------------
+
+
+class Hello(_Msg, tag="hello"):
+    index: int
+    pid: int
+
+
+class ToClient(_Msg, tag="to_client"):
+    conn: int
+    action: protocol.Action
+
+
+class RoomOpened(_Msg, tag="room"):
+    """The User call on `channel` owns `roomkey`: the Agent leg must land on this worker."""
+
+    channel: int
+    roomkey: int
+
+
+class ChannelFreed(_Msg, tag="freed"):
+    channel: int
+
+
+class ShutdownDone(_Msg, tag="shutdown_done"):
+    index: int
+
+
+ToWorker = StartCall | ClientAction | ConnectionClosed | Shutdown
+ToSupervisor = Hello | ToClient | RoomOpened | ChannelFreed | ShutdownDone
+
+_encoder = msgspec.msgpack.Encoder()
+_to_worker = msgspec.msgpack.Decoder(ToWorker)
+_to_supervisor = msgspec.msgpack.Decoder(ToSupervisor)
+
+
+def encode(msg: _Msg) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode_to_worker(data: bytes) -> ToWorker:
+    return _to_worker.decode(data)
+
+
+def decode_to_supervisor(data: bytes) -> ToSupervisor:
+    return _to_supervisor.decode(data)
+
+
+def worker_identity(index: int) -> bytes:
+    return f"w{index}".encode()

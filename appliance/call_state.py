@@ -1,0 +1,125 @@
+"""The call's state machine, as one explicit table (sans-IO: no sockets, no clock).
+
+The worker feeds it events and performs what the returned `Transition` says. Every
+`release` the appliance sends comes from a row of this table, so each cause is reachable
+from a named state and nowhere else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum, auto
+
+from appliance import protocol as p
+
+
+class State(Enum):
+    VERIFYING = auto()  # offer accepted, asking AP-S
+    ANSWERING = auto()  # alert sent, building the WebRTC answer
+    AWAITING_DTLS = auto()  # answer + ice sent, waiting for ICE and DTLS
+    CONNECTED = auto()  # DTLSconnect sent
+    RELEASED = auto()
+
+
+class Event(Enum):
+    VERIFY_OK = auto()
+    VERIFY_REJECTED = auto()
+    APS_DOWN = auto()
+    ANSWER_SENT = auto()
+    SDP_REFUSED = auto()
+    DTLS_CONNECTED = auto()
+    DTLS_TIMEOUT = auto()
+    MEDIA_FAILED = auto()
+    LIFETIME_EXPIRED = auto()
+    CLIENT_RELEASE = auto()
+    CONNECTION_CLOSED = auto()
+    SHUTDOWN = auto()
+
+
+@dataclass(frozen=True)
+class Release:
+    cause: int
+    causestring: str
+    tell_client: bool = True  # False when the client itself ended the call or is gone
+
+
+@dataclass(frozen=True)
+class Transition:
+    state: State
+    release: Release | None = None
+
+
+class IllegalTransition(Exception):
+    pass
+
+
+_TO_CLIENT_GONE = Release(p.CAUSE_NORMAL, "normal release", tell_client=False)
+_SHUTDOWN = Release(p.CAUSE_TEMPORARY_FAILURE, "appliance shutting down")
+_ANY_LIVE = (State.VERIFYING, State.ANSWERING, State.AWAITING_DTLS, State.CONNECTED)
+
+_TABLE: dict[tuple[State, Event], Transition] = {
+    (State.VERIFYING, Event.VERIFY_OK): Transition(State.ANSWERING),
+    (State.VERIFYING, Event.VERIFY_REJECTED): Transition(
+        State.RELEASED, Release(p.CAUSE_CALL_REJECTED, "verify error")
+    ),
+    (State.VERIFYING, Event.APS_DOWN): Transition(
+        State.RELEASED, Release(p.CAUSE_TEMPORARY_FAILURE, "verify error: AP-S unavailable")
+    ),
+    (State.ANSWERING, Event.ANSWER_SENT): Transition(State.AWAITING_DTLS),
+    (State.ANSWERING, Event.SDP_REFUSED): Transition(
+        State.RELEASED, Release(p.CAUSE_INVALID_IE_CONTENTS, "offer SDP refused")
+    ),
+    (State.AWAITING_DTLS, Event.DTLS_CONNECTED): Transition(State.CONNECTED),
+    (State.AWAITING_DTLS, Event.DTLS_TIMEOUT): Transition(
+        State.RELEASED, Release(p.CAUSE_NORMAL, "Connect Timeout")
+    ),
+    (State.AWAITING_DTLS, Event.MEDIA_FAILED): Transition(
+        State.RELEASED, Release(p.CAUSE_NORMAL, "Connect Timeout")
+    ),
+    (State.CONNECTED, Event.MEDIA_FAILED): Transition(
+        State.RELEASED, Release(p.CAUSE_TEMPORARY_FAILURE, "media connection lost")
+    ),
+    (State.CONNECTED, Event.LIFETIME_EXPIRED): Transition(
+        State.RELEASED, Release(p.CAUSE_NORMAL, "lifetime expired")
+    ),
+}
+for _state in _ANY_LIVE:
+    _TABLE[(_state, Event.CLIENT_RELEASE)] = Transition(State.RELEASED, _TO_CLIENT_GONE)
+    _TABLE[(_state, Event.CONNECTION_CLOSED)] = Transition(State.RELEASED, _TO_CLIENT_GONE)
+    _TABLE[(_state, Event.SHUTDOWN)] = Transition(State.RELEASED, _SHUTDOWN)
+
+# Late events that race a release (a timer firing as the client hangs up) are harmless.
+_IGNORED_WHEN_RELEASED = frozenset(Event)
+
+
+class CallMachine:
+    def __init__(self) -> None:
+        self.state = State.VERIFYING
+
+    @property
+    def live(self) -> bool:
+        return self.state is not State.RELEASED
+
+    def handle(self, event: Event, detail: str = "") -> Transition | None:
+        """Apply `event`; None means it arrived after the call ended and changes nothing."""
+        if self.state is State.RELEASED and event in _IGNORED_WHEN_RELEASED:
+            return None
+        try:
+            transition = _TABLE[(self.state, event)]
+        except KeyError:
+            raise IllegalTransition(f"{event.name} in state {self.state.name}") from None
+        self.state = transition.state
+        if detail and transition.release is not None and transition.release.tell_client:
+            rel = transition.release
+            text = f"{rel.causestring}: {detail}"[: p.MAX_VALUE_BYTES]
+            transition = Transition(transition.state, Release(rel.cause, text, rel.tell_client))
+        return transition
+
+
+def reachable_causes() -> set[tuple[int, str]]:
+    """Every (cause, causestring) a call can end with; used by tests and docs."""
+    return {
+        (t.release.cause, t.release.causestring)
+        for t in _TABLE.values()
+        if t.release is not None and t.release.tell_client
+    }

@@ -1,0 +1,128 @@
+"""Appliance configuration: one TOML file (conf/appliance.toml), every key with a default.
+
+Defaults are chosen so that a first start with no file at all works on one machine
+(loopback media, the embedded reference AP-S, a self-signed certificate).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+
+class SignallingConfig(msgspec.Struct, forbid_unknown_fields=True):
+    listen: str = "0.0.0.0"
+    port: int = 4433
+    tls_cert: str = ""  # empty: a self-signed pair is generated under data_dir/tls
+    tls_key: str = ""
+
+
+class WorkersConfig(msgspec.Struct, forbid_unknown_fields=True):
+    count: int = 0  # 0: one media worker per CPU core this process may run on
+    channels_per_worker: int = 50
+    restart_delay: float = 0.2  # seconds before a dead worker is started again
+    bus_endpoint: str = ""  # ZeroMQ endpoint; empty: ipc socket under data_dir
+
+
+class SipConfig(msgspec.Struct, forbid_unknown_fields=True):
+    listen: str = "127.0.0.1"
+    base_port: int = 5060  # worker i listens on base_port + i
+    proxy: str = "127.0.0.1:5080"  # PBX / SIP proxy INVITEs go to (host:port)
+    user_agent: str = "WebRTC Media Server 1.0"
+
+
+class ApsConfig(msgspec.Struct, forbid_unknown_fields=True):
+    url: str = "http://127.0.0.1:8480"
+    timeout: float = 2.0
+    attempts: int = 3
+
+
+class IceServerConfig(msgspec.Struct, forbid_unknown_fields=True):
+    urls: str | list[str]
+    username: str | None = None
+    credential: str | None = None
+
+
+class MediaConfig(msgspec.Struct, forbid_unknown_fields=True):
+    # Addresses announced in ICE candidates: "A" or "BIND=ANNOUNCE" behind a 1:1 NAT.
+    addresses: list[str] = msgspec.field(default_factory=lambda: ["127.0.0.1"])
+    port_min: int = 40000
+    port_max: int = 49999
+    ice_servers: list[IceServerConfig] = msgspec.field(default_factory=list)
+    dtls_timeout: float = 10.0
+
+
+class ApplianceConfig(msgspec.Struct, forbid_unknown_fields=True):
+    id: str = "ms-1"
+    data_dir: str = "data"
+    log_level: str = "INFO"
+
+
+class Config(msgspec.Struct, forbid_unknown_fields=True):
+    appliance: ApplianceConfig = msgspec.field(default_factory=ApplianceConfig)
+    signalling: SignallingConfig = msgspec.field(default_factory=SignallingConfig)
+    workers: WorkersConfig = msgspec.field(default_factory=WorkersConfig)
+    sip: SipConfig = msgspec.field(default_factory=SipConfig)
+    aps: ApsConfig = msgspec.field(default_factory=ApsConfig)
+    media: MediaConfig = msgspec.field(default_factory=MediaConfig)
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.appliance.data_dir).resolve()
+
+    def worker_count(self) -> int:
+        if self.workers.count > 0:
+            return self.workers.count
+        return len(os.sched_getaffinity(0))
+
+    def bus_endpoint(self) -> str:
+        if self.workers.bus_endpoint:
+            return self.workers.bus_endpoint
+        return f"ipc://{self.data_path / 'run' / 'bus.sock'}"
+
+    def ice_servers(self) -> list[dict[str, Any]]:
+        return [msgspec.to_builtins(s) for s in self.media.ice_servers]
+
+
+class ConfigError(Exception):
+    pass
+
+
+def load(path: str | Path | None) -> Config:
+    """Read and validate a config file; None gives the defaults."""
+    if path is None:
+        return Config()
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read config {path}: {exc}") from None
+    return from_dict(raw, source=str(path))
+
+
+def from_dict(raw: dict[str, Any], source: str = "config") -> Config:
+    try:
+        config = msgspec.convert(raw, Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    _validate(config, source)
+    return config
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    return msgspec.to_builtins(config)
+
+
+def _validate(config: Config, source: str) -> None:
+    if config.workers.channels_per_worker < 0:
+        raise ConfigError(f"{source}: workers.channels_per_worker must be >= 0")
+    if not 0 <= config.media.port_min <= config.media.port_max <= 65535:
+        raise ConfigError(f"{source}: need 0 <= media.port_min <= media.port_max <= 65535")
+    if config.media.dtls_timeout <= 0:
+        raise ConfigError(f"{source}: media.dtls_timeout must be > 0")
+    if ":" not in config.sip.proxy:
+        raise ConfigError(f"{source}: sip.proxy must be host:port")

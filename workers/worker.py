@@ -1,0 +1,191 @@
+"""A media worker: one process, one uvloop loop, one slice of channels.
+
+It talks to the supervisor only through the ZeroMQ bus (DEALER socket), and to AP-S over
+HTTP. Each channel is a call; calls never share state, so one call's failure stays its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import os
+import signal
+import time
+from collections import deque
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from appliance import bus
+from appliance import protocol as p
+from appliance.aps_client import ApsClient, ApsUnavailable
+from appliance.config import Config
+from appliance.rtc_adapter import CandidatePolicy
+from appliance.tasks import spawn
+from workers.user_call import UserCall
+
+log = logging.getLogger("appliance.worker")
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """A worker must never outlive its supervisor (it would hold ports and channels)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        log.warning("cannot ask the kernel to end this worker with its supervisor")
+
+
+class Worker:
+    def __init__(self, index: int, config: Config, bus_endpoint: str) -> None:
+        self.index = index
+        self.config = config
+        self.bus_endpoint = bus_endpoint
+        self.calls: dict[int, UserCall] = {}
+        self.candidate_policy = CandidatePolicy.from_strings(
+            config.media.addresses, config.media.port_min, config.media.port_max
+        )
+        self.aps = ApsClient(
+            config.aps.url,
+            config.appliance.id,
+            timeout=config.aps.timeout,
+            attempts=config.aps.attempts,
+        )
+        self.metrics_setup_ms: deque[float] = deque(maxlen=1000)
+        self._ctx = zmq.asyncio.Context()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._stopping = asyncio.Event()
+
+    # -- bus -----------------------------------------------------------------------------
+
+    def send(self, msg: bus._Msg) -> None:
+        # DEALER sends never block at this volume; ordering per peer is preserved.
+        self._sock.send(bus.encode(msg))
+
+    async def run(self) -> None:
+        self._sock.setsockopt(zmq.IDENTITY, bus.worker_identity(self.index))
+        self._sock.setsockopt(zmq.LINGER, 2000)
+        self._sock.connect(self.bus_endpoint)
+        await self.aps.start()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self._on_sigterm)
+        self.send(bus.Hello(self.index, os.getpid()))
+        log.info("worker %d ready (pid %d)", self.index, os.getpid())
+        receiver = asyncio.create_task(self._receive())
+        await self._stopping.wait()
+        receiver.cancel()
+        await self.aps.close()
+        self._sock.close(linger=2000)
+        self._ctx.term()
+
+    async def _receive(self) -> None:
+        while True:
+            data = await self._sock.recv()
+            try:
+                msg = bus.decode_to_worker(data)
+            except msgspec.DecodeError:
+                log.error("dropped an undecodable bus message (%d bytes)", len(data))
+                continue
+            try:
+                await self._dispatch(msg)
+            except Exception:
+                log.exception("error handling %s", type(msg).__name__)
+
+    async def _dispatch(self, msg: bus.ToWorker) -> None:
+        if isinstance(msg, bus.StartCall):
+            self._start_call(msg)
+        elif isinstance(msg, bus.ClientAction):
+            call = self.calls.get(msg.channel)
+            if call is not None and call.conn == msg.conn:
+                call.client_action(msg.action)
+        elif isinstance(msg, bus.ConnectionClosed):
+            for channel in msg.channels:
+                call = self.calls.get(channel)
+                if call is not None and call.conn == msg.conn:
+                    call.connection_closed()
+        elif isinstance(msg, bus.Shutdown):
+            await self._shutdown()
+
+    def _start_call(self, msg: bus.StartCall) -> None:
+        offer = msg.offer
+        if msg.channel in self.calls:  # the supervisor's bookkeeping and ours disagree
+            log.error("channel %d already busy; refusing the new call", msg.channel)
+            self.send(
+                bus.ToClient(
+                    msg.conn,
+                    p.Release(
+                        dialogid=offer.dialogid,
+                        ref=offer.ref,
+                        channel=msg.channel,
+                        cause=p.CAUSE_TEMPORARY_FAILURE,
+                        causestring="channel busy",
+                    ),
+                )
+            )
+            return
+        if offer.module != "User":
+            self.send(
+                bus.ToClient(
+                    msg.conn,
+                    p.Release(
+                        dialogid=offer.dialogid,
+                        ref=offer.ref,
+                        channel=msg.channel,
+                        cause=79,  # Q.850: service or option not implemented
+                        causestring="Agent video leg not available in this release",
+                    ),
+                )
+            )
+            self.send(bus.ChannelFreed(msg.channel))
+            return
+        call = UserCall(self, msg.conn, msg.channel, offer)
+        self.calls[msg.channel] = call
+        call.start()
+
+    def call_ended(self, call: UserCall) -> None:
+        if self.calls.get(call.channel) is call:
+            del self.calls[call.channel]
+            self.send(bus.ChannelFreed(call.channel))
+
+    async def report_released(self, roomkey: int, cause: int, causestring: str) -> None:
+        """Tell AP-S the call ended (its CDR). Never blocks the call's teardown."""
+        try:
+            await self.aps.call_event(roomkey, "released", time.time(), cause, causestring)
+            await self.aps.end_call(roomkey, "")
+        except ApsUnavailable as exc:
+            log.warning("AP-S did not take the end of call %d: %s", roomkey, exc)
+
+    # -- shutdown ------------------------------------------------------------------------
+
+    async def _shutdown(self) -> None:
+        calls = list(self.calls.values())
+        for call in calls:
+            call.shutdown()
+        if calls:
+            await asyncio.wait(
+                [asyncio.create_task(c.wait_closed()) for c in calls], timeout=8
+            )
+        self.send(bus.ShutdownDone(self.index))
+        log.info("worker %d: released %d call(s), stopping", self.index, len(calls))
+        self._stopping.set()
+
+    def _on_sigterm(self) -> None:
+        # A SIGTERM straight to a worker (not via the supervisor) still releases its calls.
+        spawn(self._shutdown())
+
+
+def main(index: int, config_path: str, bus_endpoint: str) -> None:
+    _die_with_parent()
+    with open(config_path, "rb") as f:
+        config = msgspec.json.decode(f.read(), type=Config)
+    logging.basicConfig(
+        level=config.appliance.log_level,
+        format=f"%(asctime)s %(levelname)s worker[{index}] %(name)s: %(message)s",
+    )
+    import uvloop
+
+    uvloop.run(Worker(index, config, bus_endpoint).run())
