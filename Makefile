@@ -1,0 +1,46 @@
+# Two commands for an operator: `make run` and `make test`. Both set up what they need.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+APT_PACKAGES := sip-tester chromium ffmpeg iproute2
+CONFIG ?= conf/appliance.toml
+PYTEST_ARGS ?=
+
+.PHONY: run test lint venv system-deps clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# Debian packages the tests drive as real peers: sipp (sip-tester), Chromium, ffmpeg, ip.
+system-deps:
+	@missing=""; \
+	command -v sipp >/dev/null || missing="$$missing sip-tester"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v ffprobe >/dev/null || missing="$$missing ffmpeg"; \
+	command -v ip >/dev/null || missing="$$missing iproute2"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+		$$SUDO apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
+
+run: venv
+	$(BIN)/appliance demo --config $(CONFIG)
+
+lint: venv
+	$(BIN)/ruff check .
+
+# Every test runs inside a fresh network namespace that has only loopback: nothing a test
+# does can send a packet outside 127.0.0.0/8.
+test: venv system-deps lint
+	tests/in-loopback-netns.sh $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) data build *.egg-info
