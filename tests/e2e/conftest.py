@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib  # noqa: F401 - documents that configs below are TOML
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,6 @@ from typing import Any
 
 import psutil
 import pytest
-import tomllib  # noqa: F401 - documents that configs below are TOML
 
 from appliance.aps.server import serve as serve_aps
 

@@ -82,7 +82,9 @@ def test_numeric_strings_are_accepted_for_integers() -> None:
 
 def test_release_with_channel_zero_keeps_every_field() -> None:
     wire = p.encode(p.Release(channel=0, cause=34, causestring="no circuit available"))
-    assert wire == b'{"action":"release","channel":0,"cause":34,"causestring":"no circuit available"}'
+    assert wire == (
+        b'{"action":"release","channel":0,"cause":34,"causestring":"no circuit available"}'
+    )
 
 
 def test_unknown_keys_are_ignored() -> None:
