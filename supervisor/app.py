@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -19,6 +20,7 @@ from msgspec import UNSET
 
 from appliance import bus
 from appliance import protocol as p
+from appliance.aps_client import ApsClient, ApsUnavailable
 from appliance.config import Config
 from appliance.tasks import spawn
 from supervisor.placement import Placement
@@ -66,6 +68,9 @@ class Supervisor:
             config.workers.restart_delay,
             self._on_worker_exit,
         )
+        # The supervisor closes AP-S call records that a dead worker can no longer close.
+        self.aps = ApsClient(config.aps.url, config.appliance.id, timeout=config.aps.timeout,
+                             attempts=config.aps.attempts)
         self.conns: dict[int, ClientConn] = {}
         self.calls: dict[int, CallRecord] = {}  # channel -> record
         self.live_suids: dict[str, int] = {}  # suid -> channel
@@ -86,6 +91,7 @@ class Supervisor:
         # Tell us when a worker identity is unknown instead of dropping the frame silently.
         self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self._router.bind(endpoint)
+        await self.aps.start()
         self._receiver = asyncio.create_task(self._receive())
         await self.pool.start()
 
@@ -99,6 +105,7 @@ class Supervisor:
         if self.stopping:
             return
         self.stopping = True
+        self.pool.stopping = True  # a worker dying now is not restarted
         log.info("shutting down: releasing %d call(s)", len(self.calls))
         shutdown = bus.Shutdown(p.CAUSE_TEMPORARY_FAILURE, "appliance shutting down")
         for index in range(len(self.placement.slots)):
@@ -118,6 +125,7 @@ class Supervisor:
             self._receiver.cancel()
         self._router.close(linger=0)
         self._ctx.term()
+        await self.aps.close()
 
     async def _wait_shutdown_done(self, expected: set[int]) -> None:
         while not expected <= self._shutdown_done:
@@ -260,6 +268,10 @@ class Supervisor:
                 self.placement.open_room(msg.roomkey, msg.channel)
         elif isinstance(msg, bus.Hello):
             log.info("worker %d is up (pid %d)", msg.index, msg.pid)
+            if self.stopping:
+                self._send_worker(msg.index, bus.Shutdown(p.CAUSE_TEMPORARY_FAILURE,
+                                                          "appliance shutting down"))
+                return
             self.placement.set_ready(msg.index, True)
             self.worker_ready[msg.index].set()
         elif isinstance(msg, bus.ShutdownDone):
@@ -282,10 +294,22 @@ class Supervisor:
         self.placement.set_ready(index, False)
         self.worker_ready[index] = asyncio.Event()
         records = [r for r in self.calls.values() if r.worker == index]
+        rooms = {c: k for k, c in self.placement.rooms.items()}
         for record in records:
+            roomkey = rooms.get(record.channel)
             spawn(self._release_record(record, p.CAUSE_TEMPORARY_FAILURE, "media worker failed"))
+            if roomkey is not None:
+                spawn(self._report_released(roomkey, p.CAUSE_TEMPORARY_FAILURE,
+                                            "media worker failed"))
         for channel in self.placement.busy_channels(index):
             self.placement.release(channel)
+
+    async def _report_released(self, roomkey: int, cause: int, causestring: str) -> None:
+        try:
+            await self.aps.call_event(roomkey, "released", time.time(), cause, causestring)
+            await self.aps.end_call(roomkey, "")
+        except ApsUnavailable as exc:
+            log.warning("AP-S did not take the end of call %d: %s", roomkey, exc)
 
     async def _release_record(self, record: CallRecord, cause: int, causestring: str) -> None:
         self._free(record.channel)

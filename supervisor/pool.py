@@ -57,6 +57,9 @@ class WorkerPool:
             self.config_path,
             "--bus",
             self.bus_endpoint,
+            # Its own session: a Ctrl-C on the operator's terminal reaches the supervisor
+            # only, which then releases calls and stops the workers in order.
+            start_new_session=True,
         )
         worker.started_at = loop.time()
         try:

@@ -73,6 +73,8 @@ class Worker:
         await self.aps.start()
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self._on_sigterm)
+        # The supervisor decides when workers stop; an interactive Ctrl-C is its to handle.
+        loop.add_signal_handler(signal.SIGINT, lambda: None)
         self.send(bus.Hello(self.index, os.getpid()))
         log.info("worker %d ready (pid %d)", self.index, os.getpid())
         receiver = asyncio.create_task(self._receive())
@@ -186,6 +188,8 @@ def main(index: int, config_path: str, bus_endpoint: str) -> None:
         level=config.appliance.log_level,
         format=f"%(asctime)s %(levelname)s worker[{index}] %(name)s: %(message)s",
     )
+    # aioice logs every candidate pair check at INFO: far too chatty for an operator's log.
+    logging.getLogger("aioice").setLevel(logging.WARNING)
     import uvloop
 
     uvloop.run(Worker(index, config, bus_endpoint).run())

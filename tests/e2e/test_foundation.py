@@ -238,6 +238,12 @@ async def test_killed_worker_comes_back_and_other_calls_go_on(
         assert after > before, (before, after)
         assert survivor.pc.connectionState == "connected"
         assert not any(e.name == "release" for e in survivor.history)
+        # The dead worker's call record is closed at AP-S by the supervisor.
+        await eventually(
+            lambda: sqlite3.connect(aps.db_path).execute(
+                "SELECT cause FROM calls WHERE channel=2 AND live=0").fetchone() == (41,),
+            timeout=5,
+        )
         # The restarted worker takes calls again.
         fresh = await call_up(client, userdata=json.dumps({"id": "C3"}))
         assert fresh.channel == 2
