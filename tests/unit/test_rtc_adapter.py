@@ -14,7 +14,7 @@ from appliance.rtc_adapter import (
 )
 
 
-def test_private_hooks_are_where_we_expect_them() -> None:
+async def test_private_hooks_are_where_we_expect_them() -> None:
     check_hooks()
 
 
