@@ -8,6 +8,11 @@ Why we need hooks at all:
   ports. An appliance must announce exactly the addresses it is configured with (a rack
   server has a known public address; tests run on loopback only) from a configured UDP
   port range (so the operator's firewall can be opened for it).
+- Relayed media must not take aiortc's receive chain (ICE queue -> DTLS transport task ->
+  receiver -> decoder: a coroutine hop per packet, and a decode we do not want). Once DTLS
+  is up, `SrtpFastPath` takes RTP straight from aioice's datagram callback through
+  pylibsrtp to our handler, and sends with one protect + sendto. aiortc keeps ICE checks and
+  consent, the DTLS handshake and keys, and RTCP.
 """
 
 from __future__ import annotations
@@ -16,14 +21,17 @@ import asyncio
 import ipaddress
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import pylibsrtp
 from aioice import Candidate
 from aioice.candidate import candidate_foundation, candidate_priority
 from aioice.ice import Connection, StunProtocol, server_reflexive_candidate
-from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection
+from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCRtpSender
+from aiortc.mediastreams import MediaStreamTrack
+from aiortc.rtcdtlstransport import RTCDtlsTransport
 
 log = logging.getLogger("appliance.rtc")
 
@@ -165,6 +173,89 @@ async def _gather_host_candidates(conn: Connection, policy: CandidatePolicy) -> 
     conn._local_candidates_end = True
 
 
+class SilentTrack(MediaStreamTrack):
+    """A track that never yields a frame.
+
+    It makes aiortc answer `sendrecv` (a transceiver needs a track to send), while the
+    packets on that stream really come from `SrtpFastPath.send_rtp`.
+    """
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self._never: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def recv(self) -> Any:
+        await self._never
+        raise ConnectionError("track stopped")
+
+    def stop(self) -> None:
+        super().stop()
+        if not self._never.done():
+            self._never.cancel()
+
+
+class SrtpFastPath:
+    """The short path for relayed RTP on one connected peer connection (BUNDLE: one
+    transport carries every m-line)."""
+
+    def __init__(self, pc: RTCPeerConnection, on_rtp: Callable[[bytes], None]) -> None:
+        dtls = _dtls_transport(pc)
+        if dtls is None or dtls._rx_srtp is None or dtls._tx_srtp is None:
+            raise RuntimeError("DTLS-SRTP is not established on this peer connection")
+        self._rx: pylibsrtp.Session = dtls._rx_srtp
+        self._tx: pylibsrtp.Session = dtls._tx_srtp
+        self._conn: Connection = dtls.transport._connection
+        self._on_rtp = on_rtp
+        self._chain = self._conn.data_received
+        self._conn.data_received = self._data_received  # type: ignore[method-assign]
+        self.received = 0
+        self.sent = 0
+        self.unprotect_errors = 0
+
+    def _data_received(self, data: bytes, component: int) -> None:
+        # RFC 7983 demux: 128..191 is RTP/RTCP; RTCP (types 192..223) stays with aiortc.
+        if 127 < data[0] < 192 and len(data) > 12 and not 192 <= data[1] <= 223:
+            try:
+                packet = self._rx.unprotect(data)
+            except pylibsrtp.Error:
+                self.unprotect_errors += 1
+                return
+            self.received += 1
+            self._on_rtp(packet)
+        else:
+            self._chain(data, component)
+
+    def send_rtp(self, packet: bytes) -> None:
+        pair = self._conn._nominated.get(1)
+        if pair is None:  # ICE is restarting or the connection is closing
+            return
+        pair.protocol.transport.sendto(self._tx.protect(packet), pair.remote_addr)
+        self.sent += 1
+
+    def detach(self) -> None:
+        if self._conn.data_received == self._data_received:
+            self._conn.data_received = self._chain  # type: ignore[method-assign]
+
+
+def _dtls_transport(pc: RTCPeerConnection) -> RTCDtlsTransport | None:
+    for transceiver in pc.getTransceivers():
+        transport = transceiver.sender.transport
+        if transport is not None:
+            return transport
+    return None
+
+
+def sync_sender_report(sender: RTCRtpSender, packets: int, octets: int, rtp_timestamp: int,
+                       ntp_timestamp: int) -> None:
+    """Make aiortc's periodic RTCP sender report describe the packets we relayed on its
+    SSRC (it only counts what its own encoder sent, which is nothing)."""
+    sender._RTCRtpSender__packet_count = packets  # type: ignore[attr-defined]
+    sender._RTCRtpSender__octet_count = octets  # type: ignore[attr-defined]
+    sender._RTCRtpSender__rtp_timestamp = rtp_timestamp  # type: ignore[attr-defined]
+    sender._RTCRtpSender__ntp_timestamp = ntp_timestamp  # type: ignore[attr-defined]
+
+
 def check_hooks() -> None:
     """Raise AssertionError if a private hook this module relies on has moved."""
     pc = RTCPeerConnection(make_configuration([]))
@@ -183,6 +274,14 @@ def check_hooks() -> None:
         ):
             assert hasattr(conns[0], attr), f"aioice Connection.{attr} moved"
         assert hasattr(StunProtocol, "datagram_received")
+        assert hasattr(conns[0], "data_received") and hasattr(conns[0], "_nominated")
+        dtls = _dtls_transport(pc)
+        assert dtls is not None
+        for attr in ("_rx_srtp", "_tx_srtp", "transport"):
+            assert hasattr(dtls, attr), f"RTCDtlsTransport.{attr} moved"
+        sender = pc.getTransceivers()[0].sender
+        for attr in ("__packet_count", "__octet_count", "__rtp_timestamp", "__ntp_timestamp"):
+            assert hasattr(sender, "_RTCRtpSender" + attr), f"RTCRtpSender.{attr} moved"
     finally:
         # close() is a coroutine; nothing was started, so dropping the pc is enough.
         pass

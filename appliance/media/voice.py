@@ -1,0 +1,225 @@
+"""The voice half of a call: browser (SRTP, via the fast path) <-> desk phone (plain RTP).
+
+Packets are relayed as they are when the browser speaks PCMU: new SSRC and payload type,
+continuous sequence numbers and timestamps across ringback -> early media -> answered
+audio, marker bit at each switch. Only a browser that insists on Opus is transcoded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from appliance.media import rtp
+from appliance.media.dtmf import EventDetector, key_packets
+from appliance.media.ringback import Cadence, Ringback
+from appliance.media.sip_rtp import Address, RtpSocketPair
+from appliance.media.transcode import OpusToPcmu, PcmuToOpus
+
+log = logging.getLogger("appliance.voice")
+
+PCMU_PT = 0
+FRAME_SECONDS = 0.020
+RTCP_INTERVAL = 5.0
+
+_RINGBACK = object()  # the rewriter's "source" while we play the tone
+
+
+@dataclass
+class BrowserAudio:
+    """What was negotiated with the browser for audio."""
+
+    codec: str  # "PCMU" or "OPUS"
+    payload_type: int
+    ssrc: int  # our sender's SSRC as announced in the answer SDP
+    send: Callable[[bytes], None]  # SrtpFastPath.send_rtp
+
+    @property
+    def clock_rate(self) -> int:
+        return 48000 if self.codec == "OPUS" else 8000
+
+
+class VoiceBridge:
+    def __init__(
+        self,
+        browser: BrowserAudio,
+        phone: RtpSocketPair,
+        on_dtmf: Callable[[str], None],
+        cadence: Cadence = Cadence(),
+        cname: str = "appliance",
+    ) -> None:
+        self.browser = browser
+        self.phone = phone
+        self.on_dtmf = on_dtmf
+        self.cname = cname
+        self.to_browser = rtp.RtpRewriter(browser.ssrc, browser.clock_rate)
+        self.to_phone = rtp.RtpRewriter(clock_rate=8000)
+        self.from_browser_stats = rtp.ReceiveStats(browser.clock_rate)
+        self.from_phone_stats = rtp.ReceiveStats(8000)
+        self.phone_event_pt: int | None = None
+        self._dtmf_in = EventDetector()
+        self._cadence = cadence
+        self._ringback: Ringback | None = None
+        self._ringback_timer: asyncio.TimerHandle | None = None
+        self._next_tick = 0.0
+        self._phone_media = False  # first RTP from the phone ends the ringback tone
+        self._dtmf_busy_until = 0.0
+        self._rtcp_timer: asyncio.TimerHandle | None = None
+        self._closed = False
+        opus = browser.codec == "OPUS"
+        self._opus_to_pcmu = OpusToPcmu() if opus else None
+        self._pcmu_to_opus = PcmuToOpus() if opus else None
+        self._transcoded_ts = 0  # our own timelines for transcoded frames
+        self._opus_out_ts = 0
+        self._to_phone_ts = 0
+
+    # -- set-up from the SIP leg ---------------------------------------------------------
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._rtcp_timer = loop.call_later(RTCP_INTERVAL, self._send_rtcp)
+
+    def start_ringback(self) -> None:
+        """180 without SDP: play the tone until the phone sends media or answers."""
+        if self._ringback is not None or self._phone_media or self._closed:
+            return
+        self._ringback = Ringback(self._cadence)
+        self._next_tick = asyncio.get_running_loop().time()
+        self._tick()
+
+    def stop_ringback(self) -> None:
+        if self._ringback_timer is not None:
+            self._ringback_timer.cancel()
+            self._ringback_timer = None
+        self._ringback = None
+
+    def phone_sdp(self, host: str, port: int, event_pt: int | None) -> None:
+        """Where the phone wants its RTP (183/200 SDP, or a re-INVITE moving it)."""
+        self.phone.set_remote(host, port)
+        self.phone_event_pt = event_pt
+
+    def answered(self) -> None:
+        self.stop_ringback()
+
+    def _tick(self) -> None:
+        if self._ringback is None or self._closed:
+            return
+        ts, payload = self._ringback.next_frame()
+        self._to_browser_pcmu(_RINGBACK, ts, payload)
+        loop = asyncio.get_running_loop()
+        # Schedule against the ideal time so the tone does not drift with loop latency.
+        self._next_tick += FRAME_SECONDS
+        delay = max(0.0, self._next_tick - loop.time())
+        self._ringback_timer = loop.call_later(delay, self._tick)
+
+    # -- browser -> phone ----------------------------------------------------------------
+
+    def from_browser(self, packet: bytes) -> None:
+        header = rtp.parse_header(packet)
+        if header is None or header.payload_type != self.browser.payload_type:
+            return
+        now = time.monotonic()
+        self.from_browser_stats.update(header, len(packet), now)
+        if now < self._dtmf_busy_until:
+            return  # a key press is on the wire in this stream's place
+        payload = rtp.payload_of(packet, header)
+        if self._opus_to_pcmu is None:
+            out = self.to_phone.rewrite(header.ssrc, PCMU_PT, header.marker, header.timestamp,
+                                        payload, now)
+            self._to_phone_ts = self.to_phone.last_timestamp
+            self.phone.send_rtp(out)
+            return
+        for frame in self._opus_to_pcmu.feed(payload):
+            self._transcoded_ts = (self._transcoded_ts + 160) & 0xFFFFFFFF
+            out = self.to_phone.rewrite(header.ssrc, PCMU_PT, False, self._transcoded_ts,
+                                        frame, now)
+            self._to_phone_ts = self.to_phone.last_timestamp
+            self.phone.send_rtp(out)
+
+    # -- phone -> browser ----------------------------------------------------------------
+
+    def from_phone(self, packet: bytes, addr: Address) -> None:
+        header = rtp.parse_header(packet)
+        if header is None:
+            return
+        self.from_phone_stats.update(header, len(packet), time.monotonic())
+        if header.payload_type == self.phone_event_pt:
+            key = self._dtmf_in.feed(header.timestamp, rtp.payload_of(packet, header))
+            if key is not None:
+                self.on_dtmf(key)
+            return
+        if header.payload_type != PCMU_PT:
+            return
+        if not self._phone_media:
+            self._phone_media = True
+            self.stop_ringback()
+        self._to_browser_pcmu(header.ssrc, header.timestamp, rtp.payload_of(packet, header))
+
+    def _to_browser_pcmu(self, source: object, timestamp: int, payload: bytes) -> None:
+        if self._pcmu_to_opus is None:
+            self.browser.send(
+                self.to_browser.rewrite(source, self.browser.payload_type, False, timestamp,
+                                        payload)
+            )
+            return
+        for frame in self._pcmu_to_opus.feed(payload):
+            # 20 ms of Opus at 48 kHz per frame; the source switch logic keeps continuity.
+            self._opus_out_ts = (self._opus_out_ts + 960) & 0xFFFFFFFF
+            self.browser.send(
+                self.to_browser.rewrite(source, self.browser.payload_type, False,
+                                        self._opus_out_ts, frame)
+            )
+
+    # -- DTMF towards the phone ----------------------------------------------------------
+
+    def send_dtmf(self, key: str, duration_ms: int = 160) -> bool:
+        """RFC 4733 events on the phone's RTP; False when the phone did not offer them."""
+        if self.phone_event_pt is None or self.phone.remote_rtp is None:
+            return False
+        packets = key_packets(key, duration_ms)
+        loop = asyncio.get_running_loop()
+        start_ts = (self._to_phone_ts + 160) & 0xFFFFFFFF
+        self._dtmf_busy_until = time.monotonic() + FRAME_SECONDS * (len(packets) + 1)
+        pt = self.phone_event_pt
+        for i, event in enumerate(packets):
+            loop.call_later(
+                i * FRAME_SECONDS,
+                self._send_event, pt, event.first, start_ts, event.payload,
+            )
+        return True
+
+    def _send_event(self, pt: int, first: bool, timestamp: int, payload: bytes) -> None:
+        if not self._closed:
+            self.phone.send_rtp(self.to_phone.inject(pt, first, timestamp, payload))
+
+    # -- RTCP towards the phone (so a PBX's quality view works) --------------------------
+
+    def _send_rtcp(self) -> None:
+        if self._closed:
+            return
+        blocks = [self.from_phone_stats.report_block()] if self.from_phone_stats.received else []
+        self.phone.send_rtcp(
+            rtp.sender_report(
+                self.to_phone.ssrc,
+                self.to_phone.last_timestamp,
+                self.to_phone.packets,
+                self.to_phone.octets,
+                blocks,
+                cname=self.cname,
+            )
+        )
+        self._rtcp_timer = asyncio.get_running_loop().call_later(RTCP_INTERVAL, self._send_rtcp)
+
+    def from_phone_rtcp(self, packet: bytes, addr: Address) -> None:
+        # Kept for quality stats; the phone's reports about our stream live here.
+        self.last_phone_rtcp = packet
+
+    def close(self) -> None:
+        self._closed = True
+        self.stop_ringback()
+        if self._rtcp_timer is not None:
+            self._rtcp_timer.cancel()
+        self.phone.close()
