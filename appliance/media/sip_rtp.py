@@ -60,7 +60,7 @@ class RtpSocketPair:
             except OSError:
                 continue
             try:
-                rtcp_t, rtcp_p = await loop.create_datagram_endpoint(
+                _rtcp_t, rtcp_p = await loop.create_datagram_endpoint(
                     lambda: _Receiver(on_rtcp), local_addr=(address, port + 1)
                 )
             except OSError:

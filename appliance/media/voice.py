@@ -48,7 +48,7 @@ class VoiceBridge:
         browser: BrowserAudio,
         phone: RtpSocketPair,
         on_dtmf: Callable[[str], None],
-        cadence: Cadence = Cadence(),
+        cadence: Cadence | None = None,
         cname: str = "appliance",
     ) -> None:
         self.browser = browser
@@ -61,7 +61,7 @@ class VoiceBridge:
         self.from_phone_stats = rtp.ReceiveStats(8000)
         self.phone_event_pt: int | None = None
         self._dtmf_in = EventDetector()
-        self._cadence = cadence
+        self._cadence = cadence or Cadence()
         self._ringback: Ringback | None = None
         self._ringback_timer: asyncio.TimerHandle | None = None
         self._next_tick = 0.0

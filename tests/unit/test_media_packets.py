@@ -1,5 +1,7 @@
 """RTP/RTCP byte handling, DTMF events, ringback, codec choice, transcoding."""
 
+import itertools
+
 import pytest
 from aiortc.rtp import RtcpPacket, RtcpSrPacket, RtpPacket
 
@@ -39,9 +41,9 @@ def test_rewriter_keeps_sequence_and_timestamps_continuous_across_sources() -> N
             for i in range(3)]
     parsed = [RtpPacket.parse(p) for p in out]
     seqs = [p.sequence_number for p in parsed]
-    assert all((b - a) & 0xFFFF == 1 for a, b in zip(seqs, seqs[1:], strict=False))
+    assert all((b - a) & 0xFFFF == 1 for a, b in itertools.pairwise(seqs))
     stamps = [p.timestamp for p in parsed]
-    assert all((b - a) & 0xFFFFFFFF == 160 for a, b in zip(stamps, stamps[1:], strict=False))
+    assert all((b - a) & 0xFFFFFFFF == 160 for a, b in itertools.pairwise(stamps))
     assert [p.marker for p in parsed] == [1, 0, 0, 1, 0, 0]
     assert {p.ssrc for p in parsed} == {42}
 
