@@ -18,6 +18,9 @@ class State(Enum):
     ANSWERING = auto()  # alert sent, building the WebRTC answer
     AWAITING_DTLS = auto()  # answer + ice sent, waiting for ICE and DTLS
     CONNECTED = auto()  # DTLSconnect sent
+    INVITING = auto()  # INVITE sent to the PBX
+    RINGING = auto()  # 180/183 received (ringback tone or early media)
+    ANSWERED = auto()  # 200 OK + ACK: two-way audio
     RELEASED = auto()
 
 
@@ -31,6 +34,12 @@ class Event(Enum):
     DTLS_TIMEOUT = auto()
     MEDIA_FAILED = auto()
     LIFETIME_EXPIRED = auto()
+    INVITE_SENT = auto()
+    SIP_RINGING = auto()
+    SIP_ANSWERED = auto()
+    SIP_FAILED = auto()  # a final failure; the cause comes with the event (RFC 3398)
+    SIP_BYE = auto()
+    SIP_SETUP_FAILED = auto()  # no RTP port, no route to the PBX
     CLIENT_RELEASE = auto()
     CONNECTION_CLOSED = auto()
     SHUTDOWN = auto()
@@ -55,7 +64,11 @@ class IllegalTransition(Exception):
 
 _TO_CLIENT_GONE = Release(p.CAUSE_NORMAL, "normal release", tell_client=False)
 _SHUTDOWN = Release(p.CAUSE_TEMPORARY_FAILURE, "appliance shutting down")
-_ANY_LIVE = (State.VERIFYING, State.ANSWERING, State.AWAITING_DTLS, State.CONNECTED)
+# Placeholder: the release is the one passed with the event (SIP status -> Q.850 cause).
+FROM_EVENT = Release(0, "")
+_SIP_PENDING = (State.INVITING, State.RINGING)
+_MEDIA_UP = (State.CONNECTED, State.INVITING, State.RINGING, State.ANSWERED)
+_ANY_LIVE = (State.VERIFYING, State.ANSWERING, State.AWAITING_DTLS, *_MEDIA_UP)
 
 _TABLE: dict[tuple[State, Event], Transition] = {
     (State.VERIFYING, Event.VERIFY_OK): Transition(State.ANSWERING),
@@ -76,13 +89,25 @@ _TABLE: dict[tuple[State, Event], Transition] = {
     (State.AWAITING_DTLS, Event.MEDIA_FAILED): Transition(
         State.RELEASED, Release(p.CAUSE_NORMAL, "Connect Timeout")
     ),
-    (State.CONNECTED, Event.MEDIA_FAILED): Transition(
-        State.RELEASED, Release(p.CAUSE_TEMPORARY_FAILURE, "media connection lost")
+    (State.CONNECTED, Event.INVITE_SENT): Transition(State.INVITING),
+    (State.CONNECTED, Event.SIP_SETUP_FAILED): Transition(
+        State.RELEASED, Release(p.CAUSE_TEMPORARY_FAILURE, "SIP leg could not start")
     ),
-    (State.CONNECTED, Event.LIFETIME_EXPIRED): Transition(
-        State.RELEASED, Release(p.CAUSE_NORMAL, "lifetime expired")
+    (State.ANSWERED, Event.SIP_BYE): Transition(
+        State.RELEASED, Release(p.CAUSE_NORMAL, "normal release")
     ),
 }
+for _state in _SIP_PENDING:
+    _TABLE[(_state, Event.SIP_RINGING)] = Transition(State.RINGING)
+    _TABLE[(_state, Event.SIP_ANSWERED)] = Transition(State.ANSWERED)
+    _TABLE[(_state, Event.SIP_FAILED)] = Transition(State.RELEASED, FROM_EVENT)
+for _state in _MEDIA_UP:
+    _TABLE[(_state, Event.MEDIA_FAILED)] = Transition(
+        State.RELEASED, Release(p.CAUSE_TEMPORARY_FAILURE, "media connection lost")
+    )
+    _TABLE[(_state, Event.LIFETIME_EXPIRED)] = Transition(
+        State.RELEASED, Release(p.CAUSE_NORMAL, "lifetime expired")
+    )
 for _state in _ANY_LIVE:
     _TABLE[(_state, Event.CLIENT_RELEASE)] = Transition(State.RELEASED, _TO_CLIENT_GONE)
     _TABLE[(_state, Event.CONNECTION_CLOSED)] = Transition(State.RELEASED, _TO_CLIENT_GONE)
@@ -100,14 +125,23 @@ class CallMachine:
     def live(self) -> bool:
         return self.state is not State.RELEASED
 
-    def handle(self, event: Event, detail: str = "") -> Transition | None:
-        """Apply `event`; None means it arrived after the call ended and changes nothing."""
+    def handle(
+        self, event: Event, detail: str = "", release: Release | None = None
+    ) -> Transition | None:
+        """Apply `event`; None means it arrived after the call ended and changes nothing.
+
+        `release` carries the cause of events whose cause comes from outside (SIP_FAILED).
+        """
         if self.state is State.RELEASED and event in _IGNORED_WHEN_RELEASED:
             return None
         try:
             transition = _TABLE[(self.state, event)]
         except KeyError:
             raise IllegalTransition(f"{event.name} in state {self.state.name}") from None
+        if transition.release is FROM_EVENT:
+            if release is None:
+                raise IllegalTransition(f"{event.name} needs the release it causes")
+            transition = Transition(transition.state, release)
         self.state = transition.state
         if detail and transition.release is not None and transition.release.tell_client:
             rel = transition.release
@@ -121,5 +155,5 @@ def reachable_causes() -> set[tuple[int, str]]:
     return {
         (t.release.cause, t.release.causestring)
         for t in _TABLE.values()
-        if t.release is not None and t.release.tell_client
+        if t.release is not None and t.release.tell_client and t.release is not FROM_EVENT
     }

@@ -1,7 +1,14 @@
 import pytest
 
 from appliance import protocol as p
-from appliance.call_state import CallMachine, Event, IllegalTransition, State, reachable_causes
+from appliance.call_state import (
+    CallMachine,
+    Event,
+    IllegalTransition,
+    Release,
+    State,
+    reachable_causes,
+)
 
 
 def machine_in(state: State) -> CallMachine:
@@ -74,3 +81,35 @@ def test_every_cause_string_fits_the_protocol_limit() -> None:
     for cause, text in reachable_causes():
         assert 0 < cause < 128
         assert len(text.encode()) <= p.MAX_VALUE_BYTES
+
+
+def machine_answered() -> CallMachine:
+    machine = machine_in(State.CONNECTED)
+    for event in (Event.INVITE_SENT, Event.SIP_RINGING, Event.SIP_ANSWERED):
+        machine.handle(event)
+    assert machine.state is State.ANSWERED
+    return machine
+
+
+def test_sip_leg_path_and_bye_from_the_phone() -> None:
+    transition = machine_answered().handle(Event.SIP_BYE)
+    assert transition is not None and transition.release is not None
+    assert (transition.release.cause, transition.release.causestring) == (16, "normal release")
+
+
+def test_sip_failure_carries_its_own_cause() -> None:
+    machine = machine_in(State.CONNECTED)
+    machine.handle(Event.INVITE_SENT)
+    busy = Release(17, "user busy")
+    transition = machine.handle(Event.SIP_FAILED, release=busy)
+    assert transition is not None and transition.release == busy
+    other = machine_in(State.CONNECTED)
+    other.handle(Event.INVITE_SENT)
+    with pytest.raises(IllegalTransition):
+        other.handle(Event.SIP_FAILED)
+
+
+def test_lifetime_and_media_failure_apply_while_ringing_and_talking() -> None:
+    for event in (Event.LIFETIME_EXPIRED, Event.MEDIA_FAILED):
+        transition = machine_answered().handle(event)
+        assert transition is not None and transition.release is not None
