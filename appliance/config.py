@@ -33,6 +33,16 @@ class SipConfig(msgspec.Struct, forbid_unknown_fields=True):
     base_port: int = 5060  # worker i listens on base_port + i
     proxy: str = "127.0.0.1:5080"  # PBX / SIP proxy INVITEs go to (host:port)
     user_agent: str = "WebRTC Media Server 1.0"
+    username: str = ""  # digest credentials, used only when the PBX challenges (401/407)
+    password: str = ""
+    ring_timeout: float = 60.0  # seconds of ringing before CANCEL and cause 19 "no answer"
+    dtmf_mode: str = "rfc4733"  # "rfc4733" (telephone-events on RTP) or "info" (SIP INFO)
+    rtp_address: str = ""  # address of the RTP towards the PBX; empty: same as listen
+    rtp_port_min: int = 20000
+    rtp_port_max: int = 29999
+    ringback_hz: list[float] = msgspec.field(default_factory=lambda: [440.0, 480.0])
+    ringback_on_ms: int = 1000
+    ringback_off_ms: int = 2000
 
 
 class ApsConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -126,3 +136,7 @@ def _validate(config: Config, source: str) -> None:
         raise ConfigError(f"{source}: media.dtls_timeout must be > 0")
     if ":" not in config.sip.proxy:
         raise ConfigError(f"{source}: sip.proxy must be host:port")
+    if config.sip.dtmf_mode not in ("rfc4733", "info"):
+        raise ConfigError(f"{source}: sip.dtmf_mode must be 'rfc4733' or 'info'")
+    if not 0 < config.sip.rtp_port_min < config.sip.rtp_port_max <= 65535:
+        raise ConfigError(f"{source}: need 0 < sip.rtp_port_min < sip.rtp_port_max <= 65535")
