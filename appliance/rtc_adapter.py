@@ -233,6 +233,11 @@ class SrtpFastPath:
         pair.protocol.transport.sendto(self._tx.protect(packet), pair.remote_addr)
         self.sent += 1
 
+    def send_rtcp(self, packet: bytes) -> None:
+        pair = self._conn._nominated.get(1)
+        if pair is not None:
+            pair.protocol.transport.sendto(self._tx.protect_rtcp(packet), pair.remote_addr)
+
     def detach(self) -> None:
         if self._conn.data_received == self._data_received:
             self._conn.data_received = self._chain  # type: ignore[method-assign]
@@ -244,6 +249,23 @@ def _dtls_transport(pc: RTCPeerConnection) -> RTCDtlsTransport | None:
         if transport is not None:
             return transport
     return None
+
+
+@dataclass(frozen=True)
+class AudioSender:
+    sender: RTCRtpSender
+
+    @property
+    def ssrc(self) -> int:
+        """The SSRC aiortc announced for this sender in the answer (a=ssrc)."""
+        return int(self.sender._ssrc)
+
+
+def audio_sender(pc: RTCPeerConnection) -> AudioSender:
+    for transceiver in pc.getTransceivers():
+        if transceiver.kind == "audio":
+            return AudioSender(transceiver.sender)
+    raise LookupError("no audio transceiver")
 
 
 def sync_sender_report(sender: RTCRtpSender, packets: int, octets: int, rtp_timestamp: int,
@@ -280,6 +302,7 @@ def check_hooks() -> None:
         for attr in ("_rx_srtp", "_tx_srtp", "transport"):
             assert hasattr(dtls, attr), f"RTCDtlsTransport.{attr} moved"
         sender = pc.getTransceivers()[0].sender
+        assert isinstance(audio_sender(pc).ssrc, int)
         for attr in ("__packet_count", "__octet_count", "__rtp_timestamp", "__ntp_timestamp"):
             assert hasattr(sender, "_RTCRtpSender" + attr), f"RTCRtpSender.{attr} moved"
     finally:

@@ -18,10 +18,12 @@ from msgspec import UNSET
 from appliance import bus
 from appliance import protocol as p
 from appliance.aps_client import ApsUnavailable, VerifyRejected
-from appliance.call_state import CallMachine, Event, Transition
-from appliance.rtc_adapter import apply_candidate_policy, make_configuration
+from appliance.call_state import CallMachine, Event, Release, State, Transition
+from appliance.media.codec_choice import AudioChoice, NoCommonCodec, choose_audio
+from appliance.rtc_adapter import SilentTrack, apply_candidate_policy, make_configuration
 from appliance.sdp_candidates import local_candidates
 from appliance.tasks import spawn
+from workers.sip_leg import CallParties, SipLeg
 
 if TYPE_CHECKING:
     from workers.worker import Worker
@@ -50,6 +52,10 @@ class UserCall:
         self._pending_ice: list[p.IceCandidate] = []
         self._task: asyncio.Task[None] | None = None
         self._closed = asyncio.Event()
+        self.audio: AudioChoice | None = None
+        self.sip: SipLeg | None = None
+        self._tracks: list[SilentTrack] = []
+        self._rtcp_sync: asyncio.TimerHandle | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -100,8 +106,17 @@ class UserCall:
         pc = RTCPeerConnection(make_configuration(config.ice_servers()))
         self.pc = pc
         pc.on("connectionstatechange", self._on_connection_state)
+        requested = None if self.offer.audio is UNSET else self.offer.audio
         try:
-            await pc.setRemoteDescription(RTCSessionDescription(self.offer.offer.sdp, "offer"))
+            # One audio codec left in the offer: PCMU (relayed as is) unless Opus is needed.
+            offer_sdp, self.audio = choose_audio(self.offer.offer.sdp, requested)
+            if self.audio is None:
+                raise NoCommonCodec("the offer has no audio")
+            await pc.setRemoteDescription(RTCSessionDescription(offer_sdp, "offer"))
+            # A track makes the audio answer sendrecv; its packets come from the relay.
+            track = SilentTrack("audio")
+            self._tracks.append(track)
+            pc.addTrack(track)
             apply_candidate_policy(pc, self.worker.candidate_policy)
             await pc.setLocalDescription(await pc.createAnswer())
         except Exception as exc:  # aiortc raises ValueError & co. on SDP it cannot use
@@ -151,6 +166,12 @@ class UserCall:
     def client_action(self, action: p.Action) -> None:
         if isinstance(action, p.Release):
             self._apply(Event.CLIENT_RELEASE)
+        elif isinstance(action, p.DTMF):
+            if self.sip is not None and self.machine.state in (State.RINGING, State.ANSWERED):
+                self.sip.send_dtmf(action.value)
+            else:
+                log.info("channel %d: DTMF %s ignored before the phone leg is up",
+                         self.channel, action.value)
         elif isinstance(action, p.Ice) and action.ice is not UNSET:
             if self.pc is None or self.pc.remoteDescription is None:
                 self._pending_ice.append(action.ice)
@@ -173,6 +194,67 @@ class UserCall:
         except Exception as exc:  # a bad candidate is the browser's problem, not a crash
             log.info("channel %d: ignored remote candidate %r: %s", self.channel, ice, exc)
 
+    # -- the desk phone leg --------------------------------------------------------------
+
+    async def _start_sip(self) -> None:
+        endpoint = self.worker.sip_endpoint
+        offer = self.offer
+        if endpoint is None:
+            self._apply(Event.SIP_SETUP_FAILED, "no SIP endpoint on this worker")
+            return
+        if offer.callee is UNSET:
+            self._apply(Event.SIP_SETUP_FAILED, "the offer names no callee")
+            return
+        assert self.pc is not None and self.audio is not None and self.roomkey is not None
+        caller = "anonymous" if offer.caller is UNSET else str(offer.caller)
+        self.sip = SipLeg(self, endpoint, self.worker.config)
+        try:
+            await self.sip.start(self.pc, self.audio,
+                                 CallParties(caller, str(offer.callee), self.roomkey))
+        except Exception as exc:
+            log.exception("channel %d: cannot start the SIP leg", self.channel)
+            self._apply(Event.SIP_SETUP_FAILED, str(exc) or type(exc).__name__)
+            return
+        if self.machine.live:
+            self._apply(Event.INVITE_SENT)
+            self._schedule_rtcp_sync()
+        else:
+            self.sip.close()
+
+    def _schedule_rtcp_sync(self) -> None:
+        if self.sip is not None and self.machine.live:
+            self.sip.sync_rtcp()
+            self._rtcp_sync = asyncio.get_running_loop().call_later(1.0, self._schedule_rtcp_sync)
+
+    def sip_ringing(self) -> None:
+        self._apply(Event.SIP_RINGING)
+
+    def sip_answered(self) -> None:
+        self._apply(Event.SIP_ANSWERED)
+        if not self.machine.live:
+            return
+        self._to_client(self._peerdata("Join"))
+        if self.roomkey is not None:
+            spawn(self.worker.report_answered(self.roomkey))
+
+    def sip_failed(self, cause: int, causestring: str) -> None:
+        self._apply(Event.SIP_FAILED, release=Release(cause, causestring))
+
+    def sip_hangup(self) -> None:
+        if self.machine.state is State.ANSWERED:
+            self._to_client(self._peerdata("Leave"))
+        self._apply(Event.SIP_BYE)
+
+    def phone_dtmf(self, key: str) -> None:
+        if self.machine.live:
+            self._to_client(p.DTMF(dialogid=self.dialogid, ref=self.ref, channel=self.channel,
+                                   value=key))
+
+    def _peerdata(self, what: str) -> p.PeerData:
+        return p.PeerData(dialogid=self.dialogid, ref=self.ref, channel=self.channel,
+                          peerchannel=self.channel, type="indication", medium="audio",
+                          peerdata=what, value="width=0000;height=0000")
+
     def connection_closed(self) -> None:
         self._apply(Event.CONNECTION_CLOSED)
 
@@ -181,8 +263,8 @@ class UserCall:
 
     # -- the machine's decisions -------------------------------------------------------
 
-    def _apply(self, event: Event, detail: str = "") -> None:
-        transition = self.machine.handle(event, detail)
+    def _apply(self, event: Event, detail: str = "", release: Release | None = None) -> None:
+        transition = self.machine.handle(event, detail, release)
         if transition is None:
             return
         if event is Event.DTLS_CONNECTED:
@@ -210,6 +292,7 @@ class UserCall:
             self._timers.append(
                 loop.call_later(self.offer.lifetime, self._apply, Event.LIFETIME_EXPIRED)
             )
+        spawn(self._start_sip(), f"sip-{self.channel}")
 
     def _release(self, transition: Transition) -> None:
         release = transition.release
@@ -230,11 +313,17 @@ class UserCall:
         for timer in self._timers:
             timer.cancel()
         self._timers.clear()
+        if self._rtcp_sync is not None:
+            self._rtcp_sync.cancel()
+        if self.sip is not None:
+            self.sip.close()  # BYE or CANCEL unless the phone ended it
         spawn(self._teardown(release.cause, release.causestring), f"teardown-{self.channel}")
 
     async def _teardown(self, cause: int, causestring: str) -> None:
         if self._task is not None and self._task is not asyncio.current_task():
             self._task.cancel()
+        for track in self._tracks:
+            track.stop()
         if self.pc is not None:
             try:
                 await self.pc.close()

@@ -23,6 +23,7 @@ from appliance import protocol as p
 from appliance.aps_client import ApsClient, ApsUnavailable
 from appliance.config import Config
 from appliance.rtc_adapter import CandidatePolicy
+from appliance.sip.endpoint import SipEndpoint
 from appliance.tasks import spawn
 from workers.user_call import UserCall
 
@@ -56,6 +57,7 @@ class Worker:
             attempts=config.aps.attempts,
         )
         self.metrics_setup_ms: deque[float] = deque(maxlen=1000)
+        self.sip_endpoint: SipEndpoint | None = None
         self._ctx = zmq.asyncio.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._stopping = asyncio.Event()
@@ -71,6 +73,7 @@ class Worker:
         self._sock.setsockopt(zmq.LINGER, 2000)
         self._sock.connect(self.bus_endpoint)
         await self.aps.start()
+        await self._open_sip()
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self._on_sigterm)
         # The supervisor decides when workers stop; an interactive Ctrl-C is its to handle.
@@ -83,6 +86,20 @@ class Worker:
         await self.aps.close()
         self._sock.close(linger=2000)
         self._ctx.term()
+
+    async def _open_sip(self) -> None:
+        sip = self.config.sip
+        host, _, port = sip.proxy.rpartition(":")
+        local = (sip.listen, sip.base_port + self.index)
+        try:
+            self.sip_endpoint = await SipEndpoint.create(
+                local, (host, int(port)), user_agent=sip.user_agent
+            )
+        except OSError as exc:
+            # Calls will be refused with a clear cause; the worker itself stays up.
+            log.error("worker %d: cannot listen for SIP on %s:%d: %s", self.index, *local, exc)
+            return
+        log.info("worker %d: SIP on %s:%d, proxy %s", self.index, *local, sip.proxy)
 
     async def _receive(self) -> None:
         while True:
@@ -153,6 +170,12 @@ class Worker:
             del self.calls[call.channel]
             self.send(bus.ChannelFreed(call.channel))
 
+    async def report_answered(self, roomkey: int) -> None:
+        try:
+            await self.aps.call_event(roomkey, "answered", time.time())
+        except ApsUnavailable as exc:
+            log.warning("AP-S did not take the answer of call %d: %s", roomkey, exc)
+
     async def report_released(self, roomkey: int, cause: int, causestring: str) -> None:
         """Tell AP-S the call ended (its CDR). Never blocks the call's teardown."""
         try:
@@ -171,6 +194,9 @@ class Worker:
             await asyncio.wait(
                 [asyncio.create_task(c.wait_closed()) for c in calls], timeout=8
             )
+        if self.sip_endpoint is not None:
+            await asyncio.sleep(0.05)  # let the BYEs leave before the socket closes
+            self.sip_endpoint.close()
         self.send(bus.ShutdownDone(self.index))
         log.info("worker %d: released %d call(s), stopping", self.index, len(calls))
         self._stopping.set()

@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass
 
 _RTPMAP = re.compile(r"^a=rtpmap:(\d+) ([^/\s]+)/(\d+)", re.IGNORECASE)
+# Per-payload-type attributes: aiortc reads every rtpmap of a section, not just the m-line's.
+_PT_ATTRIBUTE = re.compile(r"^a=(?:rtpmap|fmtp|rtcp-fb):(\d+)[ ]", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,10 @@ def choose_audio(sdp: str, requested: str | None) -> tuple[str, AudioChoice | No
         choice = AudioChoice(name, codecs[name])
         fields = lines[0].split()
         lines[0] = " ".join([*fields[:3], str(choice.payload_type)])
+        lines[1:] = [
+            line for line in lines[1:]
+            if not ((m := _PT_ATTRIBUTE.match(line)) and int(m.group(1)) != choice.payload_type)
+        ]
         break
     text = "\r\n".join("\r\n".join(lines) for lines in sections if lines) + "\r\n"
     return text, choice

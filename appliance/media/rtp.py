@@ -242,6 +242,14 @@ def sender_report(ssrc: int, rtp_timestamp: int, packets: int, octets: int,
     return out
 
 
+def receiver_report(ssrc: int, blocks: list[bytes]) -> bytes:
+    """An RTCP RR from `ssrc` (our sender on that transport) with report blocks."""
+    count = len(blocks)
+    header = struct.pack("!BBHI", RTP_VERSION_BITS | count, RTCP_RR, (8 + 24 * count) // 4 - 1,
+                         ssrc)
+    return header + b"".join(blocks)
+
+
 def _sdes(ssrc: int, cname: str) -> bytes:
     raw = cname.encode()[:255]
     item = bytes([1, len(raw)]) + raw + b"\x00"

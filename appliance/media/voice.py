@@ -96,9 +96,13 @@ class VoiceBridge:
             self._ringback_timer = None
         self._ringback = None
 
-    def phone_sdp(self, host: str, port: int, event_pt: int | None) -> None:
-        """Where the phone wants its RTP (183/200 SDP, or a re-INVITE moving it)."""
-        self.phone.set_remote(host, port)
+    def phone_sdp(self, host: str, port: int, event_pt: int | None, hold: bool = False) -> None:
+        """Where the phone wants its RTP (183/200 SDP, or a re-INVITE moving it). On hold
+        (sendonly, inactive, c=0.0.0.0) the phone wants nothing from us: stop sending."""
+        if hold:
+            self.phone.remote_rtp = None
+        else:
+            self.phone.set_remote(host, port)
         self.phone_event_pt = event_pt
 
     def answered(self) -> None:

@@ -53,6 +53,27 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
         return s.getsockname()[1]
 
 
+def free_udp_ports(count: int) -> int:
+    """The first of `count` consecutive UDP ports that are free right now."""
+    import random
+
+    for _ in range(200):
+        base = random.randrange(30000, 39000)
+        sockets = []
+        try:
+            for port in range(base, base + count):
+                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                sockets.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in sockets:
+                s.close()
+    raise RuntimeError("no block of free UDP ports")
+
+
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -164,6 +185,7 @@ def make_appliance(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[A
             "signalling": {"listen": "127.0.0.1", "port": port},
             "workers": {"count": 2, "channels_per_worker": 2, "restart_delay": 0.1},
             "aps": {"url": aps_url, "timeout": 1.0, "attempts": 2},
+            "sip": {"base_port": free_udp_ports(4), "proxy": "127.0.0.1:9"},
             "media": {"addresses": ["127.0.0.1"], "dtls_timeout": 10.0},
         }
         for name, values in overrides.items():

@@ -120,6 +120,8 @@ def test_pcmu_is_preferred_and_opus_only_when_asked_or_needed() -> None:
     sdp, choice = choose_audio(OFFER, None)
     assert choice is not None and (choice.codec, choice.payload_type) == ("PCMU", 0)
     assert "m=audio 9 UDP/TLS/RTP/SAVPF 0\r\n" in sdp and "m=video 9 UDP/TLS/RTP/SAVPF 96" in sdp
+    # The other codecs' attributes go too: aiortc would otherwise answer with them.
+    assert "opus" not in sdp and "telephone-event" not in sdp and "VP8/90000" in sdp
     assert choose_audio(OFFER, "OPUS")[1].codec == "OPUS"  # type: ignore[union-attr]
     opus_only = OFFER.replace(" 111 0 126", " 111 126").replace("a=rtpmap:0 PCMU/8000\r\n", "")
     assert choose_audio(opus_only, "PCMU")[1].codec == "OPUS"  # type: ignore[union-attr]
