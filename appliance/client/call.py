@@ -11,13 +11,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from aiortc import RTCIceCandidate, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamTrack
 from aiortc.sdp import candidate_from_sdp
+from av.frame import Frame
 from msgspec import UNSET
 
 from appliance import protocol
@@ -122,6 +123,10 @@ class Call:
         self.release: protocol.Release | None = None
         self.ended = False
         self.counters: list[FrameCounter] = []
+        # kind -> callbacks for every decoded frame of the remote track of that kind
+        self.frame_observers: dict[str, list[Callable[[Frame], None]]] = {
+            "audio": [], "video": []
+        }
         self._client = client
         self._owned_tracks = list(owned_tracks)
         self._backlog: list[Event] = []  # taken off `events` by wait_for, not yet matched
@@ -287,7 +292,9 @@ class Call:
         self._emit("connection_state", detail=self.pc.connectionState)
 
     def _on_track(self, track: MediaStreamTrack) -> None:
-        self.counters.append(FrameCounter(track))
+        self.counters.append(
+            FrameCounter(track, self.frame_observers.setdefault(track.kind, []))
+        )
         self._emit("track", detail=track.kind)
 
     def _connection_lost(self) -> None:

@@ -15,9 +15,11 @@ import fractions
 import logging
 import math
 import time
+from collections.abc import Callable
 
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from av import AudioFrame, VideoFrame
+from av.frame import Frame
 
 log = logging.getLogger("appliance.client.media")
 
@@ -156,19 +158,25 @@ class FrameCounter:
     Counts frames so a caller or a test can see media arriving.
     """
 
-    def __init__(self, track: MediaStreamTrack) -> None:
+    def __init__(
+        self, track: MediaStreamTrack, observers: list[Callable[[Frame], None]] | None = None
+    ) -> None:
         self.track = track
         self.kind = track.kind
         self.frames = 0
         self.last_at: float | None = None
+        # Called with every decoded frame (tests measure what they hear through these).
+        self.observers = observers if observers is not None else []
         self._task = asyncio.ensure_future(self._run())
 
     async def _run(self) -> None:
         try:
             while True:
-                await self.track.recv()
+                frame = await self.track.recv()
                 self.frames += 1
                 self.last_at = time.monotonic()
+                for observe in self.observers:
+                    observe(frame)
         except MediaStreamError:
             pass  # the track ended: the call closed
         except asyncio.CancelledError:
