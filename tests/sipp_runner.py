@@ -71,8 +71,9 @@ async def start_sipp(
     *args: str,
     remote: tuple[str, int] | None = None,
     timeout: str = "20s",
+    calls: int = 1,
 ) -> Sipp:
-    """Run `scenario` (a path relative to tests/sipp/) for one call."""
+    """Run `scenario` (a path relative to tests/sipp/) for `calls` calls."""
     name = Path(scenario).stem
     port = free_udp_port()
     out = (workdir / f"{name}_out.log").open("wb")
@@ -81,7 +82,7 @@ async def start_sipp(
         "-sf", str(SCENARIOS / scenario),
         "-i", "127.0.0.1",
         "-p", str(port),
-        "-m", "1",
+        "-m", str(calls),
         "-timeout", timeout,
         "-timeout_error",
         "-nostdin",

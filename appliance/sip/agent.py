@@ -1,0 +1,193 @@
+"""SipAgent: every SIP call of one worker port, sans-IO.
+
+Routes each datagram to its call by Call-ID, answers what belongs to no call (OPTIONS
+pings from the PBX, stray in-dialog requests) statelessly, and turns garbage into a log
+line (and a 400 when the request is readable enough to answer). Nothing a peer sends can
+raise out of `receive_datagram()`.
+
+The per-call loops (datagrams, events, timers) are linear in the number of calls; a worker
+carries tens to a few hundred calls, for which a scan is cheaper than keeping a heap right.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from .auth import Credentials
+from .call import ACCEPT, OutgoingCall, new_tag
+from .dialog import ALLOW
+from .events import CallEvent, Terminated
+from .message import (
+    SipParseError,
+    SipRequest,
+    SipResponse,
+    build_response,
+    parse,
+    serialize,
+    tag_of,
+    top_via,
+)
+from .transaction import DEFAULT_TIMERS, Addr, TimerConfig, response_destination
+
+log = logging.getLogger("appliance.sip")
+
+
+class SipAgent:
+    def __init__(
+        self,
+        local: Addr,
+        proxy: Addr,
+        *,
+        user_agent: str = "",
+        timers: TimerConfig = DEFAULT_TIMERS,
+    ) -> None:
+        self.local = local
+        self.proxy = proxy
+        self.user_agent = user_agent
+        self.timers = timers
+        self.calls: dict[str, OutgoingCall] = {}
+        self._out: list[tuple[bytes, Addr]] = []
+
+    def create_call(
+        self,
+        caller: str,
+        callee: str,
+        local_sdp: str,
+        *,
+        caller_display: str | None = None,
+        callee_display: str | None = None,
+        extra_headers: Sequence[tuple[str, str]] = (),
+        credentials: Credentials | tuple[str, str] | None = None,
+        ring_timeout: float | None = None,
+        proxy: Addr | None = None,
+    ) -> OutgoingCall:
+        """A new call owned by this agent; `call.start(now)` sends the INVITE."""
+        call = OutgoingCall(
+            local=self.local,
+            proxy=proxy or self.proxy,
+            caller=caller,
+            callee=callee,
+            local_sdp=local_sdp,
+            caller_display=caller_display,
+            callee_display=callee_display,
+            user_agent=self.user_agent,
+            extra_headers=extra_headers,
+            credentials=credentials,
+            ring_timeout=ring_timeout,
+            timers=self.timers,
+        )
+        self.calls[call.call_id] = call
+        return call
+
+    # ------------------------------------------------------------------ sans-IO interface
+
+    def receive_datagram(self, data: bytes, addr: Addr, now: float) -> None:
+        if not data.strip(b"\r\n"):
+            return  # RFC 5626 keep-alive (CRLF ping); nothing to answer over UDP
+        try:
+            message = parse(data)
+        except SipParseError as exc:
+            self._on_garbage(exc, addr)
+            return
+        call_id = message.headers.get("Call-ID") or ""
+        call = self.calls.get(call_id)
+        try:
+            if call is not None:
+                call.receive_message(message, addr, now)
+            elif isinstance(message, SipRequest):
+                self._out_of_dialog(message, addr)
+            else:
+                log.debug("response for no call (Call-ID %r) from %s dropped", call_id, addr)
+        except Exception:
+            # A bug must cost one message, not the worker and every call it carries.
+            log.exception("error handling a SIP message from %s (Call-ID %r)", addr, call_id)
+
+    def handle_timer(self, now: float) -> None:
+        for call in list(self.calls.values()):
+            deadline = call.get_timer()
+            if deadline is not None and deadline <= now:
+                try:
+                    call.handle_timer(now)
+                except Exception:
+                    log.exception("error in the timers of call %s", call.call_id)
+
+    def datagrams_to_send(self) -> list[tuple[bytes, Addr]]:
+        out, self._out = self._out, []
+        for call in self.calls.values():
+            out.extend(call.datagrams_to_send())
+        return out
+
+    def next_event(self) -> CallEvent | None:
+        for call_id, call in list(self.calls.items()):
+            event = call.next_event()
+            if event is None:
+                continue
+            if isinstance(event, Terminated):
+                del self.calls[call_id]  # its last word: nothing more will come from it
+            return event
+        return None
+
+    def get_timer(self) -> float | None:
+        return min(
+            (t for call in self.calls.values() if (t := call.get_timer()) is not None),
+            default=None,
+        )
+
+    # ------------------------------------------------------------------ stateless answers
+
+    def _out_of_dialog(self, request: SipRequest, addr: Addr) -> None:
+        if request.method == "ACK":
+            return  # never answered
+        if tag_of(request, "To") is not None:
+            # In-dialog, but no dialog of ours (a call long gone, or never ours).
+            self._respond(request, 481, addr)
+        elif request.method == "OPTIONS":
+            self._respond(
+                request,
+                200,
+                addr,
+                [("Allow", ALLOW), ("Accept", ACCEPT), ("Supported", "")],
+            )
+        elif request.method == "CANCEL":
+            self._respond(request, 481, addr)
+        elif request.method == "INVITE":
+            # This appliance places calls; it does not take them.
+            self._respond(request, 403, addr, reason="Incoming Calls Not Accepted")
+        else:
+            self._respond(request, 405, addr, [("Allow", ALLOW)])
+
+    def _respond(
+        self,
+        request: SipRequest,
+        status: int,
+        addr: Addr,
+        headers: Sequence[tuple[str, str]] = (),
+        reason: str | None = None,
+    ) -> None:
+        extra = [*headers]
+        if self.user_agent:
+            extra.append(("Server", self.user_agent))
+        response = build_response(request, status, reason, to_tag=new_tag(), headers=extra)
+        self._send_response(request, response, addr)
+
+    def _send_response(self, request: SipRequest, response: SipResponse, addr: Addr) -> None:
+        try:
+            dest = response_destination(top_via(request), addr)
+            self._out.append((serialize(response), dest))
+        except (SipParseError, ValueError) as exc:
+            log.info("cannot answer a request from %s: %s", addr, exc)
+
+    def _on_garbage(self, exc: SipParseError, addr: Addr) -> None:
+        partial = exc.partial
+        log.info("unparsable SIP datagram from %s: %s", addr, exc)
+        # §21.4.1: a request we can address a response to gets 400 with the reason.
+        if (
+            isinstance(partial, SipRequest)
+            and partial.method != "ACK"
+            and partial.headers.get_all("Via")
+            and partial.headers.get("Call-ID")
+        ):
+            reason = "Bad Request - " + str(exc).replace("\r", " ").replace("\n", " ")[:80]
+            response = build_response(partial, 400, reason, to_tag=new_tag())
+            self._send_response(partial, response, addr)

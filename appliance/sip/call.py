@@ -1,0 +1,729 @@
+"""OutgoingCall: the UAC side of one call to the agent's desk phone, sans-IO.
+
+It owns the call's transactions and dialog and no socket or clock: feed it
+`receive_message()` / `receive_datagram()` and `handle_timer()` with `now`, then drain
+`datagrams_to_send()`, `next_event()` and re-arm on `get_timer()`.
+
+States (what the owner sees in `state`):
+
+    IDLE --start--> CALLING --1xx--> PROCEEDING --2xx--> CONFIRMED --BYE sent--> TERMINATING
+      CALLING/PROCEEDING --hangup/cancel/ring timeout--> CANCELLING (CANCEL sent once a 1xx
+        has arrived, §9.1) --487--> ENDED;  --2xx (the CANCEL race)--> ACK + BYE, TERMINATING
+      CALLING/PROCEEDING --3xx-6xx / Timer B--> ENDED (Failed)
+      CONFIRMED --BYE received--> ENDED (RemoteHangup)
+      TERMINATING --BYE answered or timed out--> ENDED
+      ENDED --last transaction done--> TERMINATED (Terminated)
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import replace
+from enum import Enum, auto
+
+from . import causes
+from .auth import Credentials, answer_challenge
+from .dialog import ALLOW, Dialog
+from .dtmf_info import DTMF_RELAY, dtmf_relay_body, parse_dtmf_info
+from .events import (
+    Answered,
+    CallEvent,
+    Failed,
+    InfoDtmf,
+    RemoteHangup,
+    RemoteMediaChanged,
+    Ringing,
+    Terminated,
+    Trying,
+)
+from .message import (
+    NameAddr,
+    SipParseError,
+    SipRequest,
+    SipResponse,
+    build_response,
+    cseq_of,
+    parse,
+    sdp_body,
+    serialize,
+    tag_of,
+    validate_header,
+)
+from .sdp import LocalSdp, SdpError
+from .transaction import (
+    DEFAULT_TIMERS,
+    Addr,
+    ClientInviteTransaction,
+    ClientNonInviteTransaction,
+    ClientTransaction,
+    ResponseReceived,
+    ServerInviteTransaction,
+    ServerNonInviteTransaction,
+    ServerTransaction,
+    TimerConfig,
+    TransactionEvent,
+    client_key,
+    new_branch,
+    server_key,
+)
+
+log = logging.getLogger("appliance.sip")
+
+ACCEPT = "application/sdp, application/dtmf-relay, application/dtmf"
+# RFC 3261 user part characters (unreserved / escaped / user-unreserved), minus ';' and '?'
+# so a caller number can never smuggle URI parameters or headers into our messages.
+_USER_RE = re.compile(r"[A-Za-z0-9\-_.!~*'()&=+$,/%]+")
+
+
+class CallState(Enum):
+    IDLE = auto()
+    CALLING = auto()
+    PROCEEDING = auto()
+    CANCELLING = auto()
+    CONFIRMED = auto()
+    TERMINATING = auto()
+    ENDED = auto()
+    TERMINATED = auto()
+
+
+_EARLY = (CallState.CALLING, CallState.PROCEEDING)
+
+
+def new_tag() -> str:
+    return secrets.token_hex(6)
+
+
+def _hostport(host: str, port: int | None) -> str:
+    shown = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    return shown if port in (None, 5060) else f"{shown}:{port}"
+
+
+class OutgoingCall:
+    def __init__(
+        self,
+        *,
+        local: Addr,
+        proxy: Addr,
+        caller: str,
+        callee: str,
+        local_sdp: str,
+        caller_display: str | None = None,
+        callee_display: str | None = None,
+        user_agent: str = "",
+        extra_headers: Sequence[tuple[str, str]] = (),
+        credentials: Credentials | tuple[str, str] | None = None,
+        ring_timeout: float | None = None,
+        timers: TimerConfig = DEFAULT_TIMERS,
+        call_id: str | None = None,
+    ) -> None:
+        for user in (caller, callee):
+            if not _USER_RE.fullmatch(user):
+                raise ValueError(f"not a SIP user part: {user!r}")
+        # Fail here, not half-way through start().
+        for name, value in [*extra_headers, ("User-Agent", user_agent)]:
+            validate_header(name, value)
+        for display in (caller_display, callee_display):
+            validate_header("From", display or "")
+        self.local = local
+        self.proxy = proxy
+        self.caller = caller
+        self.callee = callee
+        self.caller_display = caller if caller_display is None else caller_display
+        self.callee_display = callee_display
+        self.user_agent = user_agent
+        self.extra_headers = list(extra_headers)
+        if isinstance(credentials, tuple):
+            credentials = Credentials(*credentials)
+        self.credentials = credentials
+        self.ring_timeout = ring_timeout
+        self.timers = timers
+        self.call_id = call_id or secrets.token_hex(16)
+        self.state = CallState.IDLE
+        self.local_sdp = LocalSdp(local_sdp)
+        self.dialog: Dialog | None = None  # the confirmed dialog
+        local_host, local_port = local
+        self._from = NameAddr(
+            f"sip:{caller}@{_hostport(local_host, None)}", self.caller_display, {"tag": new_tag()}
+        )
+        self._to = NameAddr(f"sip:{callee}@{_hostport(*proxy)}", callee_display)
+        self._contact = f"<sip:{caller}@{_hostport(local_host, local_port)}>"
+
+        self._invite: SipRequest | None = None
+        self._invite_tx: ClientInviteTransaction | None = None
+        self._client: dict[tuple[str, str], tuple[ClientTransaction, str]] = {}
+        self._server: dict[tuple[str, str, str], ServerTransaction] = {}
+        self._early: dict[str, Dialog] = {}  # early dialogs by remote tag
+        self._acks: dict[str, tuple[bytes, Addr]] = {}  # ACK per 2xx remote tag, to re-send
+        self._events: deque[CallEvent] = deque()
+        self._out: list[tuple[bytes, Addr]] = []
+        self._ring_deadline: float | None = None
+        self._cancel_deadline: float | None = None
+        self._outcome = False  # Answered or Failed already told
+        self._local_end = False  # the owner cancelled or hung up
+        self._cancel_pending = False  # hang-up asked before any 1xx: CANCEL on the first
+        self._cancel_cause = causes.CAUSE_NORMAL
+        self._auth_tried: set[str] = set()
+        self._seen_trying = False
+        self._last_ringing: tuple[int, str | None] | None = None
+        # The re-INVITE we answered 2xx: (transaction, CSeq, our 2xx carried the offer)
+        self._reinvite: tuple[ServerInviteTransaction, int, bool] | None = None
+
+    # ------------------------------------------------------------------ the owner's commands
+
+    def start(self, now: float) -> None:
+        """Send the INVITE."""
+        if self.state is not CallState.IDLE:
+            raise RuntimeError("call already started")
+        uri = self._to.uri
+        invite = SipRequest("INVITE", uri, body=self.local_sdp.current.encode())
+        headers = invite.headers
+        headers.add("Via", self._via())
+        headers.add("Max-Forwards", "70")
+        headers.add("From", str(self._from))
+        headers.add("To", str(self._to))
+        headers.add("Call-ID", self.call_id)
+        headers.add("CSeq", "1 INVITE")
+        headers.add("Contact", self._contact)
+        if self.user_agent:
+            headers.add("User-Agent", self.user_agent)
+        headers.add("Allow", ALLOW)
+        for name, value in self.extra_headers:
+            headers.add(name, value)
+        headers.add("Content-Type", "application/sdp")
+        self.state = CallState.CALLING
+        if self.ring_timeout is not None:
+            self._ring_deadline = now + self.ring_timeout
+        self._send_invite(invite, now)
+        self._drive(now)
+
+    def hangup(self, now: float, cause: int = causes.CAUSE_NORMAL) -> None:
+        """End the call: BYE once confirmed, CANCEL while it is still ringing."""
+        if self.state is CallState.IDLE:
+            self._end()
+        elif self.state in _EARLY:
+            self._local_end = True
+            self._request_cancel(now, cause)
+        elif self.state is CallState.CONFIRMED and self.dialog is not None:
+            self._local_end = True
+            self._send_bye(self.dialog, now, cause)
+            self.state = CallState.TERMINATING
+        self._drive(now)
+
+    def cancel(self, now: float, cause: int = causes.CAUSE_NORMAL) -> None:
+        """Give up before the answer (CANCEL). If the answer wins the race, it is ACKed and
+        ended with BYE; on a confirmed call this is the same as hangup()."""
+        self.hangup(now, cause)
+
+    def send_info_dtmf(self, key: str, duration_ms: int, now: float) -> bool:
+        """Send a key press as SIP INFO; False when there is no confirmed call to send on."""
+        body = dtmf_relay_body(key, duration_ms)
+        if self.state is not CallState.CONFIRMED or self.dialog is None:
+            return False
+        request = self.dialog.create_request(
+            "INFO", self._via(), headers=[*self._ua(), ("Content-Type", DTMF_RELAY)], body=body
+        )
+        self._start_client(request, self.dialog.next_hop(self.proxy), now, "info")
+        self._drive(now)
+        return True
+
+    # ------------------------------------------------------------------ sans-IO interface
+
+    def receive_datagram(self, data: bytes, addr: Addr, now: float) -> None:
+        try:
+            message = parse(data)
+        except SipParseError as exc:
+            log.debug("call %s: dropping unparsable datagram from %s: %s", self.call_id, addr, exc)
+            return
+        self.receive_message(message, addr, now)
+
+    def receive_message(self, message: SipRequest | SipResponse, addr: Addr, now: float) -> None:
+        if isinstance(message, SipResponse):
+            self._on_response(message, now)
+        else:
+            self._on_request(message, addr, now)
+        self._drive(now)
+
+    def handle_timer(self, now: float) -> None:
+        for tx, _ in list(self._client.values()):
+            deadline = tx.get_timer()
+            if deadline is not None and deadline <= now:
+                tx.handle_timer(now)
+        for server_tx in list(self._server.values()):
+            deadline = server_tx.get_timer()
+            if deadline is not None and deadline <= now:
+                server_tx.handle_timer(now)
+        if self._ring_deadline is not None and self._ring_deadline <= now:
+            self._ring_deadline = None
+            self._on_ring_timeout(now)
+        if self._cancel_deadline is not None and self._cancel_deadline <= now:
+            self._cancel_deadline = None
+            self._on_cancel_gave_up()
+        self._drive(now)
+
+    def datagrams_to_send(self) -> list[tuple[bytes, Addr]]:
+        out, self._out = self._out, []
+        return out
+
+    def next_event(self) -> CallEvent | None:
+        return self._events.popleft() if self._events else None
+
+    def get_timer(self) -> float | None:
+        deadlines = [
+            t
+            for t in (
+                self._ring_deadline,
+                self._cancel_deadline,
+                *(tx.get_timer() for tx, _ in self._client.values()),
+                *(tx.get_timer() for tx in self._server.values()),
+            )
+            if t is not None
+        ]
+        return min(deadlines, default=None)
+
+    @property
+    def terminated(self) -> bool:
+        return self.state is CallState.TERMINATED
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _emit(self, event: CallEvent) -> None:
+        self._events.append(replace(event, call_id=self.call_id))
+
+    def _via(self) -> str:
+        return f"SIP/2.0/UDP {_hostport(self.local[0], self.local[1])};rport;branch={new_branch()}"
+
+    def _ua(self) -> list[tuple[str, str]]:
+        return [("User-Agent", self.user_agent)] if self.user_agent else []
+
+    def _start_client(
+        self, request: SipRequest, dest: Addr, now: float, purpose: str
+    ) -> ClientTransaction:
+        tx: ClientTransaction
+        if request.method == "INVITE":
+            tx = ClientInviteTransaction(request, dest, now, self.timers)
+        else:
+            tx = ClientNonInviteTransaction(request, dest, now, self.timers)
+        # We built the Via and CSeq ourselves, so the key always exists.
+        self._client[client_key(request) or ("", request.method)] = (tx, purpose)
+        return tx
+
+    def _new_server_tx(self, request: SipRequest, addr: Addr, now: float) -> ServerTransaction:
+        tx: ServerTransaction
+        if request.method == "INVITE":
+            tx = ServerInviteTransaction(request, addr, now, self.timers)
+        else:
+            tx = ServerNonInviteTransaction(request, addr, self.timers)
+        # A peer without RFC 3261 branches still gets a transaction, just not a matchable one.
+        key = server_key(request) or ("", f"rfc2543-{id(tx)}", request.method)
+        self._server[key] = tx
+        return tx
+
+    def _drive(self, now: float) -> None:
+        """Collect what the transactions send and say, act on it, until nothing moves."""
+        moved = True
+        while moved:
+            moved = False
+            for key, (tx, purpose) in list(self._client.items()):
+                out = tx.datagrams_to_send()
+                self._out.extend(out)
+                while (event := tx.next_event()) is not None:
+                    moved = True
+                    self._on_client_event(tx, purpose, event, now)
+                moved = moved or bool(out)
+                if tx.terminated:
+                    self._client.pop(key, None)
+            for skey, server_tx in list(self._server.items()):
+                out = server_tx.datagrams_to_send()
+                self._out.extend(out)
+                while (event := server_tx.next_event()) is not None:
+                    moved = True
+                    self._on_server_timeout(server_tx, now)
+                moved = moved or bool(out)
+                if server_tx.terminated:
+                    self._server.pop(skey, None)
+        if self.state is CallState.ENDED and not self._client and not self._server:
+            self.state = CallState.TERMINATED
+            self._emit(Terminated())
+
+    def _end(self) -> None:
+        if self.state is not CallState.TERMINATED:
+            self.state = CallState.ENDED
+        self._ring_deadline = None
+        self._cancel_deadline = None
+        self._cancel_pending = False
+
+    # ------------------------------------------------------------------ INVITE client side
+
+    def _send_invite(self, invite: SipRequest, now: float) -> None:
+        self._invite = invite
+        tx = self._start_client(invite, self.proxy, now, "invite")
+        assert isinstance(tx, ClientInviteTransaction)
+        self._invite_tx = tx
+
+    def _on_client_event(
+        self, tx: ClientTransaction, purpose: str, event: TransactionEvent, now: float
+    ) -> None:
+        response = event.response if isinstance(event, ResponseReceived) else None
+        if purpose == "invite":
+            if response is None:
+                self._on_invite_timeout(tx)
+            elif response.status < 200:
+                self._on_provisional(tx.request, response, now)
+            elif response.status < 300:
+                self._on_2xx(tx.request, response, now)
+            else:
+                self._on_invite_failure(tx, response, now)
+        elif purpose == "bye":
+            if response is not None and response.status < 200:
+                return
+            if response is not None and self._retry_with_auth(tx, response, now, purpose):
+                return
+            if self.state is CallState.TERMINATING:
+                self._end()
+        # "cancel", "info" and "stray-bye" answers change nothing: the INVITE's own final
+        # response (or the 64*T1 give-up) decides the fate of a cancelled call.
+
+    def _on_provisional(self, invite: SipRequest, response: SipResponse, now: float) -> None:
+        if self.state is CallState.CALLING:
+            self.state = CallState.PROCEEDING
+        if response.status == 100:
+            if not self._seen_trying and not self._local_end:
+                self._seen_trying = True
+                self._emit(Trying())
+        else:
+            tag = tag_of(response, "To")
+            if tag and self.dialog is None and tag not in self._early:
+                try:
+                    self._early[tag] = Dialog.from_uac_response(invite, response)
+                except SipParseError as exc:
+                    log.info("call %s: unusable early dialog: %s", self.call_id, exc)
+            if not self._local_end and not self._outcome:
+                sdp = sdp_body(response)
+                if (response.status, sdp) != self._last_ringing:
+                    self._last_ringing = (response.status, sdp)
+                    self._emit(Ringing(sdp, response.status))
+        if self._cancel_pending and self.state is CallState.PROCEEDING:
+            self._send_cancel(now)
+
+    def _on_2xx(self, invite: SipRequest, response: SipResponse, now: float) -> None:
+        tag = tag_of(response, "To") or ""
+        if tag in self._acks:
+            # A retransmitted 2xx: our ACK was lost (§13.2.2.4), send the same one again.
+            self._out.append(self._acks[tag])
+            return
+        try:
+            dialog = Dialog.from_uac_response(invite, response)
+        except SipParseError as exc:
+            log.warning("call %s: 2xx we cannot build a dialog from: %s", self.call_id, exc)
+            return
+        ack = dialog.create_ack(cseq_of(invite).seq, self._via())
+        if self.user_agent:
+            ack.headers.add("User-Agent", self.user_agent)
+        self._acks[tag] = (serialize(ack), dialog.next_hop(self.proxy))
+        self._out.append(self._acks[tag])
+        if self.dialog is not None:
+            # Another fork answered too: keep the first, end this one (§13.2.2.4).
+            self._send_bye(dialog, now, causes.CAUSE_NORMAL, purpose="stray-bye")
+            return
+        if tag in self._early:
+            dialog.remote_seq = self._early[tag].remote_seq  # e.g. an UPDATE while ringing
+        self.dialog = dialog
+        self._early.clear()
+        self._cancel_deadline = None
+        self._ring_deadline = None
+        if self._local_end or self._outcome:
+            # The answer crossed our CANCEL (or came after the ring timeout): it is up at
+            # the far end now, so it has to be ended the long way.
+            self._send_bye(dialog, now, self._cancel_cause)
+            self.state = CallState.TERMINATING
+            return
+        sdp = sdp_body(response)
+        self._outcome = True
+        if sdp is None:
+            cause = causes.CAUSE_INTERWORKING
+            self._emit(Failed(response.status, "no SDP in the answer", cause, "no SDP answer"))
+            self._send_bye(dialog, now, cause)
+            self.state = CallState.TERMINATING
+            return
+        self.state = CallState.CONFIRMED
+        self._emit(Answered(sdp))
+
+    def _on_invite_failure(self, tx: ClientTransaction, response: SipResponse, now: float) -> None:
+        if tx is not self._invite_tx:
+            return
+        if self._retry_with_auth(tx, response, now, "invite"):
+            return
+        if not self._outcome and not self._local_end:
+            self._outcome = True
+            cause, text = causes.cause_of_response(response)
+            self._emit(Failed(response.status, response.reason, cause, text))
+        self._end()
+
+    def _on_invite_timeout(self, tx: ClientTransaction) -> None:
+        if tx is not self._invite_tx:
+            return
+        if not self._outcome and not self._local_end:
+            self._outcome = True
+            cause = causes.CAUSE_TIMER_EXPIRY
+            self._emit(Failed(408, "Request Timeout", cause, causes.causestring(cause)))
+        self._end()
+
+    def _retry_with_auth(
+        self, tx: ClientTransaction, response: SipResponse, now: float, purpose: str
+    ) -> bool:
+        """Answer a 401/407 once per method: same request, CSeq+1, new branch, credentials."""
+        method = tx.request.method
+        if (
+            response.status not in (401, 407)
+            or self.credentials is None
+            or method in self._auth_tried
+            or (method == "INVITE" and (self._local_end or self._outcome))
+        ):
+            return False
+        old = tx.request
+        answer = answer_challenge(response, self.credentials, method, old.uri, body=old.body)
+        if answer is None:
+            return False
+        self._auth_tried.add(method)
+        if method == "INVITE":
+            seq = cseq_of(old).seq + 1
+        else:
+            assert self.dialog is not None
+            self.dialog.local_seq += 1
+            seq = self.dialog.local_seq
+        request = SipRequest(method, old.uri, old.headers.copy(), old.body)
+        request.headers.set("Via", self._via())
+        request.headers.set("CSeq", f"{seq} {method}")
+        request.headers.remove("Authorization")
+        request.headers.remove("Proxy-Authorization")
+        request.headers.add(*answer)
+        if method == "INVITE":
+            self.state = CallState.CALLING  # CANCEL must wait for this INVITE's own 1xx
+            self._send_invite(request, now)
+        else:
+            self._start_client(request, tx.dest, now, purpose)
+        return True
+
+    # ------------------------------------------------------------------ ending
+
+    def _request_cancel(self, now: float, cause: int) -> None:
+        self._ring_deadline = None
+        self._cancel_cause = cause
+        if self.state is CallState.PROCEEDING:
+            self._send_cancel(now)
+        else:
+            self._cancel_pending = True  # §9.1: no CANCEL before a provisional response
+
+    def _send_cancel(self, now: float) -> None:
+        """§9.1: same Request-URI, Call-ID, From, To, CSeq number, top Via and Route as the
+        INVITE, so every hop matches it to the INVITE transaction."""
+        invite, invite_tx = self._invite, self._invite_tx
+        assert invite is not None and invite_tx is not None
+        self._cancel_pending = False
+        cancel = SipRequest("CANCEL", invite.uri)
+        headers = cancel.headers
+        headers.add("Via", invite.headers.get_all("Via")[0])
+        headers.add("Max-Forwards", "70")
+        for name in ("From", "To", "Call-ID"):
+            headers.add(name, invite.headers.get(name) or "")
+        headers.add("CSeq", f"{cseq_of(invite).seq} CANCEL")
+        for route in invite.headers.get_all("Route"):
+            headers.add("Route", route)
+        for name, value in self._ua():
+            headers.add(name, value)
+        headers.add("Reason", causes.reason_header(self._cancel_cause))
+        self._start_client(cancel, invite_tx.dest, now, "cancel")
+        self.state = CallState.CANCELLING
+        self._cancel_deadline = now + self.timers.timeout
+
+    def _on_cancel_gave_up(self) -> None:
+        """§9.1: no final response 64*T1 after CANCEL: consider the INVITE cancelled."""
+        if self._invite_tx is not None and self.state is CallState.CANCELLING:
+            self._invite_tx.cancel_timeout()
+            self._end()
+
+    def _on_ring_timeout(self, now: float) -> None:
+        if self.state not in _EARLY or self._outcome or self._local_end:
+            return
+        self._outcome = True
+        cause = causes.CAUSE_NO_ANSWER
+        self._emit(Failed(480, "No Answer", cause, causes.causestring(cause)))
+        self._request_cancel(now, cause)
+
+    def _send_bye(self, dialog: Dialog, now: float, cause: int, purpose: str = "bye") -> None:
+        headers = [*self._ua(), ("Reason", causes.reason_header(cause))]
+        bye = dialog.create_request("BYE", self._via(), headers=headers)
+        self._start_client(bye, dialog.next_hop(self.proxy), now, purpose)
+
+    # ------------------------------------------------------------------ requests from the peer
+
+    def _on_response(self, response: SipResponse, now: float) -> None:
+        key = client_key(response)
+        entry = self._client.get(key) if key is not None else None
+        if entry is not None:
+            entry[0].receive(response, now)
+            return
+        # A 2xx retransmitted after the INVITE transaction is gone still needs its ACK.
+        if 200 <= response.status < 300 and key is not None and key[1] == "INVITE":
+            ack = self._acks.get(tag_of(response, "To") or "")
+            if ack is not None:
+                self._out.append(ack)
+
+    def _on_request(self, request: SipRequest, addr: Addr, now: float) -> None:
+        key = server_key(request)
+        if key is not None and key in self._server:
+            self._server[key].receive(request, now)  # a retransmission, or the non-2xx ACK
+            return
+        if request.method == "ACK":
+            self._on_ack(request, now)
+            return
+        if request.method == "CANCEL":
+            # We answer re-INVITEs at once, so a CANCEL never finds one still pending.
+            pending = key is not None and (key[0], key[1], "INVITE") in self._server
+            status = 200 if pending else 481
+            self._new_server_tx(request, addr, now).respond(build_response(request, status), now)
+            return
+        dialog = self._dialog_for(request)
+        tx = self._new_server_tx(request, addr, now)
+        if dialog is None:
+            tx.respond(build_response(request, 481, to_tag=new_tag()), now)
+            return
+        if not dialog.accept_remote_cseq(request):
+            tx.respond(dialog.create_response(request, 500, "CSeq Out of Order"), now)
+            return
+        handler = {
+            "BYE": self._on_bye,
+            "INVITE": self._on_reinvite,
+            "UPDATE": self._on_update,
+            "INFO": self._on_info,
+            "OPTIONS": self._on_options,
+        }.get(request.method)
+        if handler is None:
+            tx.respond(dialog.create_response(request, 405, headers=[("Allow", ALLOW)]), now)
+            return
+        handler(dialog, request, tx, now)
+
+    def _dialog_for(self, request: SipRequest) -> Dialog | None:
+        if self.dialog is not None and self.dialog.matches(request):
+            return self.dialog
+        return next((d for d in self._early.values() if d.matches(request)), None)
+
+    def _on_bye(
+        self, dialog: Dialog, request: SipRequest, tx: ServerTransaction, now: float
+    ) -> None:
+        # Only the caller may end an early dialog with BYE (§15): the callee must CANCEL-wait.
+        if dialog is not self.dialog or self.state not in (
+            CallState.CONFIRMED,
+            CallState.TERMINATING,
+        ):
+            tx.respond(dialog.create_response(request, 481), now)
+            return
+        tx.respond(dialog.create_response(request, 200, headers=self._ua_server()), now)
+        if self.state is CallState.CONFIRMED:
+            cause = causes.reason_cause(request) or causes.CAUSE_NORMAL
+            self._emit(RemoteHangup(cause, causes.causestring(cause)))
+        self._end()
+
+    def _on_reinvite(
+        self, dialog: Dialog, request: SipRequest, tx: ServerTransaction, now: float
+    ) -> None:
+        if dialog is not self.dialog or self.state is not CallState.CONFIRMED:
+            tx.respond(dialog.create_response(request, 481), now)
+            return
+        if (
+            self._reinvite is not None
+            and not self._reinvite[0].acked
+            and not (self._reinvite[0].terminated)
+        ):
+            # §14.2: one offer at a time; the peer retries after Retry-After.
+            tx.respond(dialog.create_response(request, 500, headers=[("Retry-After", "1")]), now)
+            return
+        assert isinstance(tx, ServerInviteTransaction)
+        dialog.target_refresh(request)
+        offer = sdp_body(request)
+        if offer is None:
+            # No offer: ours goes in the 200, the peer's answer comes in the ACK.
+            body = self.local_sdp.current.encode()
+            self._reinvite = (tx, cseq_of(request).seq, True)
+        else:
+            answer = self._answer(offer)
+            if answer is None:
+                tx.respond(dialog.create_response(request, 488), now)
+                return
+            body = answer.encode()
+            self._reinvite = (tx, cseq_of(request).seq, False)
+        headers = [("Allow", ALLOW), *self._ua_server(), ("Content-Type", "application/sdp")]
+        tx.respond(dialog.create_response(request, 200, headers=headers, body=body), now)
+        if offer is not None:
+            self._emit(RemoteMediaChanged(offer))
+
+    def _on_update(
+        self, dialog: Dialog, request: SipRequest, tx: ServerTransaction, now: float
+    ) -> None:
+        dialog.target_refresh(request)
+        offer = sdp_body(request)
+        if offer is None:
+            tx.respond(dialog.create_response(request, 200, headers=self._ua_server()), now)
+            return
+        answer = self._answer(offer)
+        if answer is None:
+            tx.respond(dialog.create_response(request, 488), now)
+            return
+        headers = [*self._ua_server(), ("Content-Type", "application/sdp")]
+        tx.respond(dialog.create_response(request, 200, headers=headers, body=answer.encode()), now)
+        self._emit(RemoteMediaChanged(offer))
+
+    def _on_info(
+        self, dialog: Dialog, request: SipRequest, tx: ServerTransaction, now: float
+    ) -> None:
+        tx.respond(dialog.create_response(request, 200, headers=self._ua_server()), now)
+        dtmf = parse_dtmf_info(request)
+        if dtmf is not None:
+            self._emit(InfoDtmf(*dtmf))
+
+    def _on_options(
+        self, dialog: Dialog, request: SipRequest, tx: ServerTransaction, now: float
+    ) -> None:
+        headers = [("Allow", ALLOW), ("Accept", ACCEPT), *self._ua_server()]
+        tx.respond(dialog.create_response(request, 200, headers=headers), now)
+
+    def _on_ack(self, request: SipRequest, now: float) -> None:
+        """The ACK for a 2xx we sent to a re-INVITE (a new branch, so matched by dialog)."""
+        pending = self._reinvite
+        if pending is None or self.dialog is None or not self.dialog.matches(request):
+            return
+        tx, seq, offer_in_2xx = pending
+        if cseq_of(request).seq != seq:
+            return
+        tx.confirm(now)
+        self._reinvite = None
+        if offer_in_2xx and (answer := sdp_body(request)) is not None:
+            self._emit(RemoteMediaChanged(answer))
+
+    def _on_server_timeout(self, tx: ServerTransaction, now: float) -> None:
+        """No ACK for our 2xx to a re-INVITE: §13.3.1.4 says end the session."""
+        if (
+            self._reinvite is not None
+            and tx is self._reinvite[0]
+            and self.state is CallState.CONFIRMED
+            and self.dialog is not None
+        ):
+            self._reinvite = None
+            cause = causes.CAUSE_TIMER_EXPIRY
+            self._emit(RemoteHangup(cause, causes.causestring(cause)))
+            self._send_bye(self.dialog, now, cause)
+            self.state = CallState.TERMINATING
+
+    def _answer(self, offer: str) -> str | None:
+        try:
+            return self.local_sdp.answer(offer)
+        except SdpError as exc:
+            log.info("call %s: refusing an SDP offer: %s", self.call_id, exc)
+            return None
+
+    def _ua_server(self) -> list[tuple[str, str]]:
+        return [("Server", self.user_agent)] if self.user_agent else []
