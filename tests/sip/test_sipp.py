@@ -31,8 +31,8 @@ from appliance.sip.events import (
 )
 from appliance.sip.sdp import audio_endpoint, build_offer
 from appliance.sip.transaction import TimerConfig
+from tests.sipp_runner import Sipp, free_udp_port, start_sipp
 
-SCENARIOS = Path(__file__).resolve().parents[1] / "sipp"
 USER_AGENT = "WebRTC Media Server 1.0"
 UUI = ("User-to-User", "7b22726f6f6d6b6579223a31323334357d;encoding=hex")
 OFFER = build_offer("127.0.0.1", 40000, session_id=1)
@@ -45,89 +45,6 @@ pytestmark = [
     pytest.mark.usefixtures("loopback_netns"),
     pytest.mark.skipif(shutil.which("sipp") is None, reason="sipp (sip-tester) not installed"),
 ]
-
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _udp_bound(port: int) -> bool:
-    """Whether something listens on UDP `port` (read from /proc: probing by binding the
-    port ourselves could steal it from sipp at the wrong moment)."""
-    for table in ("/proc/net/udp", "/proc/net/udp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            local = line.split()[1]
-            if int(local.rsplit(":", 1)[1], 16) == port:
-                return True
-    return False
-
-
-@dataclass
-class Sipp:
-    proc: asyncio.subprocess.Process
-    port: int
-    workdir: Path
-    name: str
-
-    @property
-    def messages(self) -> str:
-        path = self.workdir / f"{self.name}_messages.log"
-        return path.read_text(errors="replace") if path.exists() else ""
-
-    def diagnostics(self) -> str:
-        parts = []
-        for suffix in ("errors.log", "out.log"):
-            path = self.workdir / f"{self.name}_{suffix}"
-            if path.exists():
-                parts.append(f"--- sipp {suffix}\n{path.read_text(errors='replace')[-3000:]}")
-        parts.append(f"--- sipp messages\n{self.messages[-4000:]}")
-        return "\n".join(parts)
-
-    async def exit_code(self, timeout: float = 25.0) -> int:
-        return await asyncio.wait_for(self.proc.wait(), timeout)
-
-
-async def start_sipp(
-    scenario: str, workdir: Path, *args: str, remote: tuple[str, int] | None = None
-) -> Sipp:
-    name = scenario.removesuffix(".xml")
-    port = free_udp_port()
-    out = (workdir / f"{name}_out.log").open("wb")
-    command = [
-        "sipp",
-        "-sf", str(SCENARIOS / scenario),
-        "-i", "127.0.0.1",
-        "-p", str(port),
-        "-m", "1",
-        "-timeout", "20s",
-        "-timeout_error",
-        "-nostdin",
-        "-trace_msg", "-message_file", str(workdir / f"{name}_messages.log"),
-        "-trace_err", "-error_file", str(workdir / f"{name}_errors.log"),
-        *args,
-    ]  # fmt: skip
-    if remote is not None:
-        command.append(f"{remote[0]}:{remote[1]}")
-    proc = await asyncio.create_subprocess_exec(
-        *command,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=out,
-        stderr=asyncio.subprocess.STDOUT,
-        cwd=workdir,
-    )
-    out.close()
-    sipp = Sipp(proc, port, workdir, name)
-    for _ in range(200):  # a UAC scenario starts sending at once; a UAS waits for us
-        if remote is not None or _udp_bound(port) or proc.returncode is not None:
-            break
-        await asyncio.sleep(0.01)
-    return sipp
 
 
 @dataclass
