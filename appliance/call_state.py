@@ -40,6 +40,8 @@ class Event(Enum):
     SIP_FAILED = auto()  # a final failure; the cause comes with the event (RFC 3398)
     SIP_BYE = auto()
     SIP_SETUP_FAILED = auto()  # no RTP port, no route to the PBX
+    ROOM_REFUSED = auto()  # an Agent leg for a room that is gone or already has an agent
+    PEER_GONE = auto()  # the room ended this leg (the customer's call is over)
     CLIENT_RELEASE = auto()
     CONNECTION_CLOSED = auto()
     SHUTDOWN = auto()
@@ -108,7 +110,9 @@ for _state in _MEDIA_UP:
     _TABLE[(_state, Event.LIFETIME_EXPIRED)] = Transition(
         State.RELEASED, Release(p.CAUSE_NORMAL, "lifetime expired")
     )
+_TABLE[(State.VERIFYING, Event.ROOM_REFUSED)] = Transition(State.RELEASED, FROM_EVENT)
 for _state in _ANY_LIVE:
+    _TABLE[(_state, Event.PEER_GONE)] = Transition(State.RELEASED, FROM_EVENT)
     _TABLE[(_state, Event.CLIENT_RELEASE)] = Transition(State.RELEASED, _TO_CLIENT_GONE)
     _TABLE[(_state, Event.CONNECTION_CLOSED)] = Transition(State.RELEASED, _TO_CLIENT_GONE)
     _TABLE[(_state, Event.SHUTDOWN)] = Transition(State.RELEASED, _SHUTDOWN)

@@ -199,7 +199,12 @@ class SrtpFastPath:
     """The short path for relayed RTP on one connected peer connection (BUNDLE: one
     transport carries every m-line)."""
 
-    def __init__(self, pc: RTCPeerConnection, on_rtp: Callable[[bytes], None]) -> None:
+    def __init__(
+        self,
+        pc: RTCPeerConnection,
+        on_rtp: Callable[[bytes], None],
+        on_rtcp: Callable[[bytes], None] | None = None,
+    ) -> None:
         dtls = _dtls_transport(pc)
         if dtls is None or dtls._rx_srtp is None or dtls._tx_srtp is None:
             raise RuntimeError("DTLS-SRTP is not established on this peer connection")
@@ -207,6 +212,9 @@ class SrtpFastPath:
         self._tx: pylibsrtp.Session = dtls._tx_srtp
         self._conn: Connection = dtls.transport._connection
         self._on_rtp = on_rtp
+        # With on_rtcp, the relay owns RTCP too (feedback about relayed streams must reach
+        # the other browser, which aiortc knows nothing of); without it aiortc keeps it.
+        self._on_rtcp = on_rtcp
         self._chain = self._conn.data_received
         self._conn.data_received = self._data_received  # type: ignore[method-assign]
         self.received = 0
@@ -214,17 +222,26 @@ class SrtpFastPath:
         self.unprotect_errors = 0
 
     def _data_received(self, data: bytes, component: int) -> None:
-        # RFC 7983 demux: 128..191 is RTP/RTCP; RTCP (types 192..223) stays with aiortc.
-        if 127 < data[0] < 192 and len(data) > 12 and not 192 <= data[1] <= 223:
-            try:
-                packet = self._rx.unprotect(data)
-            except pylibsrtp.Error:
-                self.unprotect_errors += 1
+        # RFC 7983 demux: 128..191 is RTP/RTCP; RFC 5761: RTCP types are 192..223.
+        if 127 < data[0] < 192 and len(data) > 12:
+            if not 192 <= data[1] <= 223:
+                try:
+                    packet = self._rx.unprotect(data)
+                except pylibsrtp.Error:
+                    self.unprotect_errors += 1
+                    return
+                self.received += 1
+                self._on_rtp(packet)
                 return
-            self.received += 1
-            self._on_rtp(packet)
-        else:
-            self._chain(data, component)
+            if self._on_rtcp is not None:
+                try:
+                    packet = self._rx.unprotect_rtcp(data)
+                except pylibsrtp.Error:
+                    self.unprotect_errors += 1
+                    return
+                self._on_rtcp(packet)
+                return
+        self._chain(data, component)
 
     def send_rtp(self, packet: bytes) -> None:
         pair = self._conn._nominated.get(1)
@@ -266,6 +283,14 @@ def audio_sender(pc: RTCPeerConnection) -> AudioSender:
         if transceiver.kind == "audio":
             return AudioSender(transceiver.sender)
     raise LookupError("no audio transceiver")
+
+
+def sender_ssrc(pc: RTCPeerConnection, kind: str) -> int:
+    """Our SSRC for `kind` on this leg, as announced in the answer (a=ssrc)."""
+    for transceiver in pc.getTransceivers():
+        if transceiver.kind == kind:
+            return int(transceiver.sender._ssrc)
+    raise LookupError(f"no {kind} transceiver")
 
 
 def sync_sender_report(sender: RTCRtpSender, packets: int, octets: int, rtp_timestamp: int,

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
-
-from aiortc import RTCPeerConnection
+from typing import Any, Protocol
 
 from appliance.config import Config
 from appliance.media import rtp
@@ -20,7 +19,7 @@ from appliance.media.ringback import Cadence
 from appliance.media.rtp import ntp_now
 from appliance.media.sip_rtp import RtpSocketPair
 from appliance.media.voice import BrowserAudio, VoiceBridge
-from appliance.rtc_adapter import SrtpFastPath, audio_sender, sync_sender_report
+from appliance.rtc_adapter import audio_sender, sync_sender_report
 from appliance.sip import events as sip_events
 from appliance.sip.auth import Credentials
 from appliance.sip.endpoint import SipEndpoint
@@ -31,6 +30,11 @@ log = logging.getLogger("appliance.sip_leg")
 
 class SipLegOwner(Protocol):
     channel: int
+    pc: Any
+    rtp_sinks: dict[int, Callable[[bytes], None]]
+
+    def send_rtp(self, packet: bytes) -> None: ...
+    def send_rtcp(self, packet: bytes) -> None: ...
 
     def sip_ringing(self) -> None: ...
     def sip_answered(self) -> None: ...
@@ -59,29 +63,25 @@ class SipLeg:
         self.config = config
         self.call_id: str | None = None
         self.bridge: VoiceBridge | None = None
-        self.fast_path: SrtpFastPath | None = None
-        self._pc: RTCPeerConnection | None = None
         self._ended = False
 
-    async def start(self, pc: RTCPeerConnection, audio: AudioChoice, parties: CallParties) -> None:
+    async def start(self, audio: AudioChoice, parties: CallParties) -> None:
         sip = self.config.sip
         rtp_address = sip.rtp_address or sip.listen
         sockets = await RtpSocketPair.open(
             rtp_address, sip.rtp_port_min, sip.rtp_port_max,
             on_rtp=self._from_phone, on_rtcp=self._from_phone_rtcp,
         )
-        sender = audio_sender(pc)
-        self.fast_path = SrtpFastPath(pc, self._from_browser)
-        self._pc = pc
+        sender = audio_sender(self.owner.pc)
         self.bridge = VoiceBridge(
-            BrowserAudio(audio.codec, audio.payload_type, sender.ssrc,
-                         self.fast_path.send_rtp),
+            BrowserAudio(audio.codec, audio.payload_type, sender.ssrc, self.owner.send_rtp),
             sockets,
             on_dtmf=self.owner.phone_dtmf,
             cadence=Cadence(tuple(sip.ringback_hz), sip.ringback_on_ms, sip.ringback_off_ms),
             cname=self.config.appliance.id,
         )
         self.bridge.start()
+        self.owner.rtp_sinks[audio.payload_type] = self.bridge.from_browser
         credentials = Credentials(sip.username, sip.password) if sip.username else None
         call = self.endpoint.place_call(
             parties.caller,
@@ -98,10 +98,6 @@ class SipLeg:
 
     # -- media taps ----------------------------------------------------------------------
 
-    def _from_browser(self, packet: bytes) -> None:
-        if self.bridge is not None:
-            self.bridge.from_browser(packet)
-
     def _from_phone(self, packet: bytes, addr: tuple[str, int]) -> None:
         if self.bridge is not None:
             self.bridge.from_phone(packet, addr)
@@ -114,14 +110,14 @@ class SipLeg:
         """Once a second: keep aiortc's sender reports to the browser true to the relayed
         audio, and report to the browser what we receive of its audio (aiortc's receiver
         never sees those packets, so it cannot)."""
-        if self.bridge is None or self._pc is None or self.fast_path is None:
+        if self.bridge is None:
             return
         out = self.bridge.to_browser
-        sender = audio_sender(self._pc)
+        sender = audio_sender(self.owner.pc)
         sync_sender_report(sender.sender, out.packets, out.octets, out.last_timestamp, ntp_now())
-        stats = self.bridge.from_browser_stats
+        stats = self.bridge.browser_meter.rtp
         if stats.received:
-            self.fast_path.send_rtcp(rtp.receiver_report(sender.ssrc, [stats.report_block()]))
+            self.owner.send_rtcp(rtp.receiver_report(sender.ssrc, [stats.report_block()]))
 
     # -- SIP events ----------------------------------------------------------------------
 
@@ -183,7 +179,5 @@ class SipLeg:
 
     def close(self) -> None:
         self.hangup()
-        if self.fast_path is not None:
-            self.fast_path.detach()
         if self.bridge is not None:
             self.bridge.close()

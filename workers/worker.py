@@ -25,6 +25,9 @@ from appliance.config import Config
 from appliance.rtc_adapter import CandidatePolicy
 from appliance.sip.endpoint import SipEndpoint
 from appliance.tasks import spawn
+from workers.agent_call import AgentCall
+from workers.leg import WebRtcLeg
+from workers.room import Room
 from workers.user_call import UserCall
 
 log = logging.getLogger("appliance.worker")
@@ -46,7 +49,8 @@ class Worker:
         self.index = index
         self.config = config
         self.bus_endpoint = bus_endpoint
-        self.calls: dict[int, UserCall] = {}
+        self.calls: dict[int, WebRtcLeg] = {}
+        self.rooms: dict[int, Room] = {}  # roomkey -> the room of a customer call here
         self.candidate_policy = CandidatePolicy.from_strings(
             config.media.addresses, config.media.port_min, config.media.port_max
         )
@@ -146,26 +150,12 @@ class Worker:
                 )
             )
             return
-        if offer.module != "User":
-            self.send(
-                bus.ToClient(
-                    msg.conn,
-                    p.Release(
-                        dialogid=offer.dialogid,
-                        ref=offer.ref,
-                        channel=msg.channel,
-                        cause=79,  # Q.850: service or option not implemented
-                        causestring="Agent video leg not available in this release",
-                    ),
-                )
-            )
-            self.send(bus.ChannelFreed(msg.channel))
-            return
-        call = UserCall(self, msg.conn, msg.channel, offer)
+        kind = AgentCall if offer.module == "Agent" else UserCall
+        call = kind(self, msg.conn, msg.channel, offer)
         self.calls[msg.channel] = call
         call.start()
 
-    def call_ended(self, call: UserCall) -> None:
+    def call_ended(self, call: WebRtcLeg) -> None:
         if self.calls.get(call.channel) is call:
             del self.calls[call.channel]
             self.send(bus.ChannelFreed(call.channel))

@@ -81,9 +81,13 @@ class RtpRewriter:
     continuous across source switches, marker bit on the first packet after a switch."""
 
     __slots__ = ("_last_out_ts", "_last_wall", "_pending_switch", "_seq", "_source",
-                 "_ts_offset", "clock_rate", "octets", "packets", "ssrc")
+                 "_ts_offset", "clock_rate", "mark_switches", "octets", "packets", "ssrc")
 
-    def __init__(self, ssrc: int | None = None, clock_rate: int = 8000) -> None:
+    def __init__(self, ssrc: int | None = None, clock_rate: int = 8000,
+                 mark_switches: bool = True) -> None:
+        # Audio marks the first packet after a switch (RFC 3551: start of a talkspurt); for
+        # video the marker means "last packet of a frame" and must be left as it came.
+        self.mark_switches = mark_switches
         self.ssrc = ssrc if ssrc is not None else random.getrandbits(32)
         self.clock_rate = clock_rate
         self._seq = random.getrandbits(16)
@@ -113,7 +117,7 @@ class RtpRewriter:
                 target = self._last_out_ts + gap
             self._ts_offset = (target - timestamp) & 0xFFFFFFFF
             self._source = source
-            marker = True
+            marker = marker or self.mark_switches
         out_ts = (timestamp + self._ts_offset) & 0xFFFFFFFF
         self._seq = (self._seq + 1) & 0xFFFF
         self._last_out_ts = out_ts

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from appliance.media import rtp
 from appliance.media.dtmf import EventDetector, key_packets
+from appliance.media.quality import StreamMeter
 from appliance.media.ringback import Cadence, Ringback
 from appliance.media.sip_rtp import Address, RtpSocketPair
 from appliance.media.transcode import OpusToPcmu, PcmuToOpus
@@ -57,8 +58,8 @@ class VoiceBridge:
         self.cname = cname
         self.to_browser = rtp.RtpRewriter(browser.ssrc, browser.clock_rate)
         self.to_phone = rtp.RtpRewriter(clock_rate=8000)
-        self.from_browser_stats = rtp.ReceiveStats(browser.clock_rate)
-        self.from_phone_stats = rtp.ReceiveStats(8000)
+        self.browser_meter = StreamMeter(browser.clock_rate)
+        self.phone_meter = StreamMeter(8000)
         self.phone_event_pt: int | None = None
         self._dtmf_in = EventDetector()
         self._cadence = cadence or Cadence()
@@ -126,7 +127,7 @@ class VoiceBridge:
         if header is None or header.payload_type != self.browser.payload_type:
             return
         now = time.monotonic()
-        self.from_browser_stats.update(header, len(packet), now)
+        self.browser_meter.packet(header, packet, now)
         if now < self._dtmf_busy_until:
             return  # a key press is on the wire in this stream's place
         payload = rtp.payload_of(packet, header)
@@ -149,7 +150,7 @@ class VoiceBridge:
         header = rtp.parse_header(packet)
         if header is None:
             return
-        self.from_phone_stats.update(header, len(packet), time.monotonic())
+        self.phone_meter.packet(header, packet, time.monotonic())
         if header.payload_type == self.phone_event_pt:
             key = self._dtmf_in.feed(header.timestamp, rtp.payload_of(packet, header))
             if key is not None:
@@ -204,7 +205,8 @@ class VoiceBridge:
     def _send_rtcp(self) -> None:
         if self._closed:
             return
-        blocks = [self.from_phone_stats.report_block()] if self.from_phone_stats.received else []
+        stats = self.phone_meter.rtp
+        blocks = [stats.report_block()] if stats.received else []
         self.phone.send_rtcp(
             rtp.sender_report(
                 self.to_phone.ssrc,

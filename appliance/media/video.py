@@ -1,0 +1,117 @@
+"""Video relay between the customer's and the agent's browsers, packet by packet.
+
+One `VideoPath` per direction. Packets are never decoded: new SSRC and payload type,
+continuous sequence numbers, the VP8 payload untouched. The receiving browser's RTCP is
+answered here: NACKs from a cache of recent packets, PLI/FIR passed to the sender as one
+keyframe request per second at most, REMB passed to the sender.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from appliance.media import rtcp, rtp
+from appliance.media.quality import StreamMeter
+
+log = logging.getLogger("appliance.video")
+
+VIDEO_CLOCK = 90000
+NACK_CACHE = 512  # ~1.5 s of 640x480 VP8 at 30 fps
+KEYFRAME_REQUEST_INTERVAL = 1.0
+
+
+@dataclass
+class VideoSink:
+    """The receiving browser's leg: how to send it RTP/RTCP, and what it expects."""
+
+    send_rtp: Callable[[bytes], None]
+    ssrc: int  # our video sender's SSRC on that leg (its a=ssrc)
+    payload_type: int  # VP8's payload type on that leg
+
+
+class VideoPath:
+    def __init__(self, meter: StreamMeter, send_to_source: Callable[[bytes], None],
+                 feedback_ssrc: int) -> None:
+        self.meter = meter
+        self._send_to_source = send_to_source  # RTCP towards the sending browser
+        self._feedback_ssrc = feedback_ssrc  # our SSRC on the sending browser's leg
+        self.source_ssrc: int | None = None
+        self.sink: VideoSink | None = None
+        self.rewriter: rtp.RtpRewriter | None = None
+        self._cache: list[bytes | None] = [None] * NACK_CACHE
+        self._last_keyframe_request = -KEYFRAME_REQUEST_INTERVAL
+        self.paused = False
+        self.forwarded = 0
+        self.retransmitted = 0
+        self.keyframe_requests = 0
+        self.receiver_remb_bps = 0
+        self.receiver_report: rtcp.ReportBlock | None = None
+
+    def connect(self, sink: VideoSink) -> None:
+        """The other party joined: start forwarding, from a keyframe."""
+        self.sink = sink
+        self.rewriter = rtp.RtpRewriter(sink.ssrc, VIDEO_CLOCK, mark_switches=False)
+        self._cache = [None] * NACK_CACHE
+        self.request_keyframe(force=True)
+
+    def disconnect(self) -> None:
+        self.sink = None
+        self.rewriter = None
+
+    # -- media from the sending browser --------------------------------------------------
+
+    def from_source(self, packet: bytes) -> None:
+        header = rtp.parse_header(packet)
+        if header is None:
+            return
+        self.meter.packet(header, packet, time.monotonic())
+        self.source_ssrc = header.ssrc
+        sink, rewriter = self.sink, self.rewriter
+        if sink is None or rewriter is None or self.paused:
+            return
+        out = rewriter.rewrite(header.ssrc, sink.payload_type, header.marker, header.timestamp,
+                               rtp.payload_of(packet, header))
+        self._cache[(out[2] << 8 | out[3]) % NACK_CACHE] = out
+        sink.send_rtp(out)
+        self.forwarded += 1
+
+    # -- RTCP from the receiving browser -------------------------------------------------
+
+    def from_sink_feedback(self, item: rtcp.Feedback) -> None:
+        if isinstance(item, rtcp.Nack):
+            self._retransmit(item.lost)
+        elif isinstance(item, rtcp.Pli | rtcp.Fir):
+            self.request_keyframe()
+        elif isinstance(item, rtcp.Remb):
+            self.receiver_remb_bps = item.bitrate
+            if self.source_ssrc is not None:
+                self._send_to_source(
+                    rtcp.remb(self._feedback_ssrc, item.bitrate, [self.source_ssrc]))
+        elif isinstance(item, rtcp.ReportBlock):
+            self.receiver_report = item
+
+    def _retransmit(self, lost: tuple[int, ...]) -> None:
+        sink = self.sink
+        if sink is None:
+            return
+        for seq in lost:
+            cached = self._cache[seq % NACK_CACHE]
+            # The slot may hold a newer packet by now: check its sequence number.
+            if cached is not None and (cached[2] << 8 | cached[3]) == seq:
+                sink.send_rtp(cached)
+                self.retransmitted += 1
+
+    def request_keyframe(self, force: bool = False) -> bool:
+        """Ask the sending browser for a keyframe, at most once a second."""
+        now = time.monotonic()
+        if self.source_ssrc is None:
+            return False
+        if not force and now - self._last_keyframe_request < KEYFRAME_REQUEST_INTERVAL:
+            return False
+        self._last_keyframe_request = now
+        self.keyframe_requests += 1
+        self._send_to_source(rtcp.pli(self._feedback_ssrc, self.source_ssrc))
+        return True

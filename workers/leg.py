@@ -1,0 +1,301 @@
+"""One browser's WebRTC leg in a media worker: the answer, ICE, DTLS, and the packets.
+
+This is the I/O edge around `CallMachine` shared by the customer's call (`UserCall`) and
+the agent's video leg (`AgentCall`): it awaits aiortc, feeds the outcomes to the machine
+and performs the release the machine decides on. Once DTLS is up the leg's packets take
+the short path (`SrtpFastPath`) to whoever consumes them: the voice bridge, the video relay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc.sdp import candidate_from_sdp
+from msgspec import UNSET
+
+from appliance import bus
+from appliance import protocol as p
+from appliance.call_state import CallMachine, Event, Release, Transition
+from appliance.media import rtcp
+from appliance.media.codec_choice import CodecChoice, NoCommonCodec, choose_codecs
+from appliance.rtc_adapter import (
+    SilentTrack,
+    SrtpFastPath,
+    apply_candidate_policy,
+    make_configuration,
+    sender_ssrc,
+)
+from appliance.sdp_candidates import local_candidates
+from appliance.tasks import spawn
+
+if TYPE_CHECKING:
+    from workers.worker import Worker
+
+log = logging.getLogger("appliance.call")
+
+PacketSink = Callable[[bytes], None]
+
+
+class WebRtcLeg:
+    module = "User"
+    # What we send to this browser (the answer is sendrecv for these, recvonly otherwise).
+    send_kinds: tuple[str, ...] = ("audio", "video")
+
+    def __init__(self, worker: Worker, conn: int, channel: int, offer: p.Offer) -> None:
+        self.worker = worker
+        self.conn = conn
+        self.channel = channel
+        self.offer = offer
+        self.dialogid = offer.dialogid
+        self.ref = offer.ref
+        self.machine = CallMachine()
+        self.pc: RTCPeerConnection | None = None
+        self.started = time.monotonic()
+        self.connected_at: float | None = None
+        self.audio: CodecChoice | None = None
+        self.video: CodecChoice | None = None
+        self.fast_path: SrtpFastPath | None = None
+        # Consumers of this browser's packets, by payload type, and of its RTCP feedback.
+        self.rtp_sinks: dict[int, PacketSink] = {}
+        self.feedback_sinks: dict[int, Callable[[rtcp.Feedback], None]] = {}
+        self._timers: list[asyncio.TimerHandle] = []
+        self._pending_ice: list[p.IceCandidate] = []
+        self._task: asyncio.Task[None] | None = None
+        self._closed = asyncio.Event()
+        self._tracks: list[SilentTrack] = []
+
+    # -- what a kind of leg adds -----------------------------------------------------------
+
+    async def _before_answer(self) -> None:
+        """Runs first (the User call verifies with AP-S); must feed VERIFY_* to the machine."""
+        self._apply(Event.VERIFY_OK)
+
+    def _after_connected(self) -> None:
+        """DTLS is up and the fast path attached."""
+
+    def _on_released(self, release: Release) -> None:
+        """The machine released the call (before the peer connection closes)."""
+
+    async def _after_teardown(self, release: Release) -> None:
+        """Reports once everything is closed."""
+
+    def _requested_audio(self) -> str | None:
+        return None if self.offer.audio is UNSET else self.offer.audio
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._setup(), name=f"call-{self.channel}")
+
+    async def _setup(self) -> None:
+        try:
+            await self._before_answer()
+            if self.machine.live:
+                await self._answer()
+        except Exception:  # never let one call take the worker down
+            log.exception("channel %d: call setup failed", self.channel)
+            if self.machine.live:
+                self._apply(Event.SDP_REFUSED, "internal error")
+
+    async def _answer(self) -> None:
+        assert self.offer.offer is not UNSET
+        config = self.worker.config
+        pc = RTCPeerConnection(make_configuration(config.ice_servers()))
+        self.pc = pc
+        pc.on("connectionstatechange", self._on_connection_state)
+        try:
+            # One codec per medium left in the offer: what we relay without decoding.
+            offer_sdp, self.audio, self.video = choose_codecs(
+                self.offer.offer.sdp, self._requested_audio()
+            )
+            if self.audio is None and self.video is None:
+                raise NoCommonCodec("the offer has neither audio nor video")
+            await pc.setRemoteDescription(RTCSessionDescription(offer_sdp, "offer"))
+            # Tracks make the answer sendrecv; their packets come from the relay.
+            for kind in self.send_kinds:
+                if getattr(self, kind) is not None:
+                    track = SilentTrack(kind)
+                    self._tracks.append(track)
+                    pc.addTrack(track)
+            apply_candidate_policy(pc, self.worker.candidate_policy)
+            await pc.setLocalDescription(await pc.createAnswer())
+        except Exception as exc:  # aiortc raises ValueError & co. on SDP it cannot use
+            if self.machine.live:
+                self._apply(Event.SDP_REFUSED, str(exc) or type(exc).__name__)
+            return
+        if not self.machine.live:
+            return
+        sdp = pc.localDescription.sdp
+        self.send(
+            p.Answer(dialogid=self.dialogid, ref=self.ref, channel=self.channel,
+                     medium=self.offer.medium,
+                     answer=p.SessionDescription(type="answer", sdp=sdp))
+        )
+        for candidate in local_candidates(sdp):
+            self.send(
+                p.Ice(dialogid=self.dialogid, ref=self.ref, channel=self.channel, ice=candidate)
+            )
+        self._apply(Event.ANSWER_SENT)
+        for ice in self._pending_ice:
+            await self._add_remote_candidate(ice)
+        self._pending_ice.clear()
+        loop = asyncio.get_running_loop()
+        self._timers.append(
+            loop.call_later(config.media.dtls_timeout, self._apply, Event.DTLS_TIMEOUT)
+        )
+        if pc.connectionState == "connected":  # raced ahead of our handler registration
+            self._on_connection_state()
+
+    def _on_connection_state(self) -> None:
+        pc = self.pc
+        if pc is None or not self.machine.live:
+            return
+        state = pc.connectionState
+        if state == "connected" and self.connected_at is None:
+            self.connected_at = time.monotonic()
+            self._apply(Event.DTLS_CONNECTED)
+        elif state == "failed":
+            self._apply(Event.MEDIA_FAILED, "ICE/DTLS failed")
+
+    # -- packets -------------------------------------------------------------------------
+
+    def our_ssrc(self, kind: str) -> int:
+        assert self.pc is not None
+        return sender_ssrc(self.pc, kind)
+
+    def _on_rtp(self, packet: bytes) -> None:
+        sink = self.rtp_sinks.get(packet[1] & 0x7F)
+        if sink is not None:
+            sink(packet)
+
+    def _on_rtcp(self, packet: bytes) -> None:
+        for item in rtcp.parse(packet):
+            ssrc = item.ssrc if isinstance(item, rtcp.ReportBlock) else (
+                item.ssrcs[0] if isinstance(item, rtcp.Remb) and item.ssrcs else
+                getattr(item, "media_ssrc", None))
+            sink = self.feedback_sinks.get(ssrc) if ssrc is not None else None
+            if sink is not None:
+                sink(item)
+
+    def send_rtp(self, packet: bytes) -> None:
+        if self.fast_path is not None:
+            self.fast_path.send_rtp(packet)
+
+    def send_rtcp(self, packet: bytes) -> None:
+        if self.fast_path is not None:
+            self.fast_path.send_rtcp(packet)
+
+    # -- inputs from the browser ---------------------------------------------------------
+
+    def client_action(self, action: p.Action) -> None:
+        if isinstance(action, p.Release):
+            self._apply(Event.CLIENT_RELEASE)
+        elif isinstance(action, p.Ice) and action.ice is not UNSET:
+            if self.pc is None or self.pc.remoteDescription is None:
+                self._pending_ice.append(action.ice)
+            else:
+                spawn(self._add_remote_candidate(action.ice))
+        else:
+            self._other_action(action)
+
+    def _other_action(self, action: p.Action) -> None:
+        log.info("channel %d: %s ignored in this call state", self.channel,
+                 type(action).__name__)
+
+    async def _add_remote_candidate(self, ice: p.IceCandidate) -> None:
+        if self.pc is None or not ice.candidate:
+            return
+        try:
+            candidate = candidate_from_sdp(ice.candidate.removeprefix("candidate:"))
+            candidate.sdpMid = None if ice.sdpMid is UNSET else ice.sdpMid
+            candidate.sdpMLineIndex = None if ice.sdpMLineIndex is UNSET else ice.sdpMLineIndex
+            await self.pc.addIceCandidate(candidate)
+        except Exception as exc:  # a bad candidate is the browser's problem, not a crash
+            log.info("channel %d: ignored remote candidate %r: %s", self.channel, ice, exc)
+
+    def connection_closed(self) -> None:
+        self._apply(Event.CONNECTION_CLOSED)
+
+    def shutdown(self) -> None:
+        self._apply(Event.SHUTDOWN)
+
+    def release(self, cause: int, causestring: str) -> None:
+        """The room ends this leg (the customer's call is over)."""
+        self._apply(Event.PEER_GONE, release=Release(cause, causestring))
+
+    # -- the machine's decisions -------------------------------------------------------
+
+    def _apply(self, event: Event, detail: str = "", release: Release | None = None) -> None:
+        transition = self.machine.handle(event, detail, release)
+        if transition is None:
+            return
+        if event is Event.DTLS_CONNECTED:
+            self._on_dtls_connected()
+        if transition.release is not None:
+            self._release(transition)
+
+    def _on_dtls_connected(self) -> None:
+        setup_ms = (time.monotonic() - self.started) * 1000
+        log.info("channel %d: DTLS connected %.0f ms after offer (%s leg)", self.channel,
+                 setup_ms, self.module)
+        self.worker.metrics_setup_ms.append(setup_ms)
+        for timer in self._timers:
+            timer.cancel()
+        self._timers.clear()
+        assert self.pc is not None
+        self.fast_path = SrtpFastPath(self.pc, self._on_rtp, self._on_rtcp)
+        self.send(
+            p.DTLSconnect(dialogid=self.dialogid, ref=self.ref, channel=self.channel,
+                          medium=p.medium_name(self.offer.medium))
+        )
+        if self.offer.lifetime > 0:
+            loop = asyncio.get_running_loop()
+            self._timers.append(
+                loop.call_later(self.offer.lifetime, self._apply, Event.LIFETIME_EXPIRED)
+            )
+        self._after_connected()
+
+    def _release(self, transition: Transition) -> None:
+        release = transition.release
+        assert release is not None
+        if release.tell_client:
+            self.send(
+                p.Release(dialogid=self.dialogid, ref=self.ref, channel=self.channel,
+                          cause=release.cause, causestring=release.causestring)
+            )
+        log.info("channel %d: released, cause %d %s (%s leg)", self.channel, release.cause,
+                 release.causestring, self.module)
+        for timer in self._timers:
+            timer.cancel()
+        self._timers.clear()
+        self._on_released(release)
+        if self.fast_path is not None:
+            self.fast_path.detach()
+        spawn(self._teardown(release), f"teardown-{self.channel}")
+
+    async def _teardown(self, release: Release) -> None:
+        if self._task is not None and self._task is not asyncio.current_task():
+            self._task.cancel()
+        for track in self._tracks:
+            track.stop()
+        if self.pc is not None:
+            try:
+                await self.pc.close()
+            except Exception:
+                log.exception("channel %d: closing the peer connection failed", self.channel)
+        self.worker.call_ended(self)
+        try:
+            await self._after_teardown(release)
+        finally:
+            self._closed.set()
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+    def send(self, action: p.Action) -> None:
+        self.worker.send(bus.ToClient(self.conn, action))

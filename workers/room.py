@@ -1,0 +1,171 @@
+"""A room: the customer's call and, once the agent's page joins, the agent's video leg.
+
+It links the two browser legs: video relayed both ways, Join/Leave indications, app data
+(`peerdata` command) from one party to the other, and the quality figures every 5 s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from appliance import protocol as p
+from appliance.media.quality import Figures, PartyQuality, StreamMeter
+from appliance.media.video import VIDEO_CLOCK, VideoPath, VideoSink
+
+if TYPE_CHECKING:
+    from workers.agent_call import AgentCall
+    from workers.leg import WebRtcLeg
+    from workers.user_call import UserCall
+
+log = logging.getLogger("appliance.room")
+
+QUALITY_INTERVAL = 5.0
+
+
+class Room:
+    def __init__(self, roomkey: int, user: UserCall) -> None:
+        self.roomkey = roomkey
+        self.user = user
+        self.agent: AgentCall | None = None
+        self.user_video: VideoPath | None = None  # customer's camera -> agent's page
+        self.agent_video: VideoPath | None = None  # agent's camera -> customer's page
+        self._quality_timer: asyncio.TimerHandle | None = None
+        self.closed = False
+
+    # -- the customer's leg --------------------------------------------------------------
+
+    def user_connected(self) -> None:
+        user = self.user
+        if user.video is not None:
+            self.user_video = VideoPath(
+                StreamMeter(VIDEO_CLOCK, is_vp8=True), user.send_rtcp, user.our_ssrc("video")
+            )
+            user.rtp_sinks[user.video.payload_type] = self.user_video.from_source
+        self._schedule_quality()
+
+    def user_ended(self) -> None:
+        """The customer's call is over: the agent's page is told and released too."""
+        self.closed = True
+        if self._quality_timer is not None:
+            self._quality_timer.cancel()
+        agent = self.agent
+        if agent is not None and agent.machine.live:
+            agent.send(self._peerdata(agent, self.user, "Leave", p.medium_name(
+                self.user.offer.medium)))
+            agent.release(p.CAUSE_NORMAL, "normal release")
+
+    # -- the agent's leg -----------------------------------------------------------------
+
+    def admit(self, agent: AgentCall) -> str | None:
+        """None if the agent may join, else why not (the causestring of its release)."""
+        if self.closed:
+            return "invalid roomkey"
+        if self.agent is not None:
+            return "room already has an agent"
+        self.agent = agent
+        return None
+
+    def agent_connected(self, agent: AgentCall) -> None:
+        user = self.user
+        if self.closed or agent is not self.agent:
+            return
+        if agent.video is not None:
+            self.agent_video = VideoPath(
+                StreamMeter(VIDEO_CLOCK, is_vp8=True), agent.send_rtcp, agent.our_ssrc("video")
+            )
+            agent.rtp_sinks[agent.video.payload_type] = self.agent_video.from_source
+            if user.video is not None and user.fast_path is not None:
+                # Agent's camera to the customer; the customer's RTCP about it comes back here.
+                self.agent_video.connect(
+                    VideoSink(user.send_rtp, user.our_ssrc("video"), user.video.payload_type)
+                )
+                user.feedback_sinks[user.our_ssrc("video")] = self.agent_video.from_sink_feedback
+        if self.user_video is not None and agent.video is not None:
+            self.user_video.connect(
+                VideoSink(agent.send_rtp, agent.our_ssrc("video"), agent.video.payload_type)
+            )
+            agent.feedback_sinks[agent.our_ssrc("video")] = self.user_video.from_sink_feedback
+        log.info("room %d: agent on channel %d joined the customer on channel %d",
+                 self.roomkey, agent.channel, user.channel)
+        user.send(self._peerdata(user, agent, "Join", "video"))
+        agent.send(self._peerdata(agent, user, "Join", p.medium_name(user.offer.medium)))
+
+    def agent_left(self, agent: AgentCall) -> None:
+        if agent is not self.agent:
+            return
+        self.agent = None
+        if self.user_video is not None:
+            self.user_video.disconnect()
+        self.user.feedback_sinks.clear()
+        self.agent_video = None
+        if not self.closed and self.user.machine.live:
+            log.info("room %d: agent on channel %d left", self.roomkey, agent.channel)
+            self.user.send(self._peerdata(self.user, agent, "Leave", "video"))
+
+    # -- app data and indications --------------------------------------------------------
+
+    def command(self, sender: WebRtcLeg, action: p.PeerData) -> None:
+        """`peerdata` type "command" from one party is delivered to the other."""
+        other: WebRtcLeg | None = self.agent if sender is self.user else self.user
+        if other is None or not other.machine.live:
+            log.info("room %d: peerdata from channel %d has nobody to go to", self.roomkey,
+                     sender.channel)
+            return
+        other.send(
+            p.PeerData(dialogid=other.dialogid, ref=other.ref, channel=other.channel,
+                       peerchannel=sender.channel, type="command",
+                       medium=p.medium_name(sender.offer.medium), peerdata=action.peerdata,
+                       value=action.value, nickname=action.nickname, userid=action.userid)
+        )
+
+    @staticmethod
+    def _peerdata(to: WebRtcLeg, peer: WebRtcLeg, what: str, medium: str) -> p.PeerData:
+        return p.PeerData(dialogid=to.dialogid, ref=to.ref, channel=to.channel,
+                          peerchannel=peer.channel, type="indication", medium=medium,
+                          peerdata=what, value="width=0000;height=0000")
+
+    # -- quality every 5 s ---------------------------------------------------------------
+
+    def _schedule_quality(self) -> None:
+        if not self.closed:
+            loop = asyncio.get_running_loop()
+            self._quality_timer = loop.call_later(QUALITY_INTERVAL, self._report_quality)
+
+    def _report_quality(self) -> None:
+        if self.closed:
+            return
+        try:
+            customer, agent_side = self.sample()
+            user, agent = self.user, self.agent
+            peer_channel = agent.channel if agent is not None else user.channel
+            user.send(_figures(p.MyResolution, user, user.channel, customer))
+            user.send(_figures(p.PeerResolution, user, peer_channel, agent_side))
+            if agent is not None and agent.machine.live and agent.fast_path is not None:
+                agent.send(_figures(p.MyResolution, agent, agent.channel, agent_side))
+                agent.send(_figures(p.PeerResolution, agent, user.channel, customer))
+        finally:
+            self._schedule_quality()
+
+    def sample(self) -> tuple[Figures, Figures]:
+        """(the customer's streams, the agent side's streams: desk phone voice + agent video)
+        as the appliance received them over the last period."""
+        bridge = self.user.sip.bridge if self.user.sip is not None else None
+        customer = PartyQuality(bridge.browser_meter if bridge else None,
+                                self.user_video.meter if self.user_video else None)
+        agent_side = PartyQuality(bridge.phone_meter if bridge else None,
+                                  self.agent_video.meter if self.agent_video else None)
+        if self.user_video is not None:
+            customer.remb_bps = self.user_video.receiver_remb_bps
+        if self.agent_video is not None:
+            agent_side.remb_bps = self.agent_video.receiver_remb_bps
+        return customer.sample(), agent_side.sample()
+
+
+def _figures(kind: type[p.MyResolution] | type[p.PeerResolution], to: WebRtcLeg, channel: int,
+             figures: Figures) -> p.MyResolution | p.PeerResolution:
+    return kind(dialogid=to.dialogid, ref=to.ref, channel=channel, width=figures.width,
+                height=figures.height, REMB=figures.REMB, framerate=figures.framerate,
+                audio_bitrate=figures.audio_bitrate, video_bitrate=figures.video_bitrate,
+                jitter=figures.jitter, packetloss=figures.packetloss)
