@@ -75,8 +75,23 @@ class ShutdownDone(_Msg, tag="shutdown_done"):
     index: int
 
 
+class WorkerStats(_Msg, tag="stats"):
+    """A worker's health, every second: what /metrics and `appliance status` show."""
+
+    index: int
+    pid: int
+    calls: int  # live legs on this worker
+    calls_placed: int
+    calls_failed: int  # ended by anything but a normal hang-up
+    loop_lag_p50_ms: float
+    loop_lag_p99_ms: float
+    packets_received: int  # relayed RTP in from browsers (cumulative)
+    packets_sent: int  # relayed RTP out to browsers (cumulative)
+    decoders_created: int  # media decoders aiortc created: must stay 0
+
+
 ToWorker = StartCall | ClientAction | ConnectionClosed | Shutdown
-ToSupervisor = Hello | ToClient | RoomOpened | ChannelFreed | ShutdownDone
+ToSupervisor = Hello | ToClient | RoomOpened | ChannelFreed | ShutdownDone | WorkerStats
 
 _encoder = msgspec.msgpack.Encoder()
 _to_worker = msgspec.msgpack.Decoder(ToWorker)

@@ -83,6 +83,48 @@ def cmd_demo(args: argparse.Namespace) -> None:
     uvloop.run(main())
 
 
+def cmd_status(args: argparse.Namespace) -> None:
+    """A readable table of the running appliance (from its admin port)."""
+    import json
+    import urllib.request
+
+    if args.url:
+        url = args.url.rstrip("/")
+    else:
+        admin = _load(args.config).admin
+        url = f"http://{admin.listen}:{admin.port}"
+    try:
+        with urllib.request.urlopen(f"{url}/status", timeout=5) as response:
+            status = json.load(response)
+    except OSError as exc:
+        sys.exit(f"appliance: cannot read {url}/status: {exc}")
+    print(render_status(status))
+
+
+def render_status(status: dict) -> str:  # type: ignore[type-arg]
+    lines = [f"appliance {status['appliance']}   cores busy: "
+             + "  ".join(f"{i}:{p:.0f}%" for i, p in enumerate(status["cores_percent"]))]
+    header = (f"{'worker':>6} {'pid':>7} {'core':>4} {'state':>9} {'calls':>9} {'cpu':>6} "
+              f"{'mem MB':>7} {'lag p50/p99 ms':>15} {'placed':>7} {'failed':>6} "
+              f"{'restarts':>8} {'pkts in/out':>17} {'decoders':>8}")
+    lines += ["", header, "-" * len(header)]
+    for w in status["workers"]:
+        state = "degraded" if w["degraded"] else ("up" if w["ready"] else "down")
+        lines.append(
+            f"{w['index']:>6} {w['pid'] or '-':>7} {w['core']:>4} {state:>9} "
+            f"{w['channels_busy']:>4}/{w['channels_total']:<4} {w['cpu_cores']:>6.2f} "
+            f"{w['rss_bytes'] / 1e6:>7.0f} "
+            f"{w['loop_lag_p50_ms']:>7.1f}/{w['loop_lag_p99_ms']:<7.1f} "
+            f"{w['calls_placed']:>7} {w['calls_failed']:>6} {w['restarts']:>8} "
+            f"{w['packets_received']:>8}/{w['packets_sent']:<8} {w['decoders_created']:>8}"
+        )
+    lines += ["", f"live calls: {len(status['calls'])}"]
+    for c in status["calls"]:
+        lines.append(f"  channel {c['channel']:>4}  worker {c['worker']}  {c['module']:<5}  "
+                     f"dialogid {c['dialogid']} ref {c['ref']}  up {c['age_s']:.0f} s")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="appliance", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -100,6 +142,11 @@ def main(argv: list[str] | None = None) -> None:
     demo = sub.add_parser("demo", help="appliance + reference AP-S on this machine")
     demo.add_argument("--config", default=None)
     demo.set_defaults(func=cmd_demo)
+
+    status = sub.add_parser("status", help="show workers, cores and live calls")
+    status.add_argument("--config", default=None, help="read the admin address from here")
+    status.add_argument("--url", default=None, help="admin base URL, e.g. http://127.0.0.1:9090")
+    status.set_defaults(func=cmd_status)
 
     args = parser.parse_args(argv)
     args.func(args)

@@ -66,6 +66,13 @@ class MediaConfig(msgspec.Struct, forbid_unknown_fields=True):
     dtls_timeout: float = 10.0
 
 
+class AdminConfig(msgspec.Struct, forbid_unknown_fields=True):
+    listen: str = "127.0.0.1"  # keep it off the public interface
+    port: int = 9090  # /metrics (Prometheus) and /status (JSON); 0 disables
+    degraded_lag_ms: float = 50.0  # a worker whose loop lag p99 stays above this...
+    degraded_after: float = 5.0  # ...for this many seconds gets no new calls
+
+
 class ApplianceConfig(msgspec.Struct, forbid_unknown_fields=True):
     id: str = "ms-1"
     data_dir: str = "data"
@@ -79,6 +86,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     sip: SipConfig = msgspec.field(default_factory=SipConfig)
     aps: ApsConfig = msgspec.field(default_factory=ApsConfig)
     media: MediaConfig = msgspec.field(default_factory=MediaConfig)
+    admin: AdminConfig = msgspec.field(default_factory=AdminConfig)
 
     @property
     def data_path(self) -> Path:

@@ -303,6 +303,36 @@ def sync_sender_report(sender: RTCRtpSender, packets: int, octets: int, rtp_time
     sender._RTCRtpSender__ntp_timestamp = ntp_timestamp  # type: ignore[attr-defined]
 
 
+class DecoderCounter:
+    """Counts every media decoder aiortc creates in this process.
+
+    The relay must never decode what it only forwards; this makes that a number an operator
+    (and a test) can read in /metrics rather than a promise.
+    """
+
+    def __init__(self) -> None:
+        self.created = 0
+        self._installed = False
+
+    def install(self) -> None:
+        if self._installed:
+            return
+        import aiortc.rtcrtpreceiver as receiver_module
+
+        original = receiver_module.get_decoder
+
+        def counting_get_decoder(codec: Any) -> Any:
+            self.created += 1
+            log.warning("a %s decoder was created: media is being decoded", codec.mimeType)
+            return original(codec)
+
+        receiver_module.get_decoder = counting_get_decoder  # type: ignore[assignment]
+        self._installed = True
+
+
+DECODERS = DecoderCounter()
+
+
 def check_hooks() -> None:
     """Raise AssertionError if a private hook this module relies on has moved."""
     pc = RTCPeerConnection(make_configuration([]))
@@ -321,6 +351,9 @@ def check_hooks() -> None:
         ):
             assert hasattr(conns[0], attr), f"aioice Connection.{attr} moved"
         assert hasattr(StunProtocol, "datagram_received")
+        import aiortc.rtcrtpreceiver as receiver_module
+
+        assert callable(receiver_module.get_decoder), "aiortc get_decoder moved"
         assert hasattr(conns[0], "data_received") and hasattr(conns[0], "_nominated")
         dtls = _dtls_transport(pc)
         assert dtls is not None

@@ -23,6 +23,7 @@ from appliance import protocol as p
 from appliance.aps_client import ApsClient, ApsUnavailable
 from appliance.config import Config
 from appliance.tasks import spawn
+from supervisor.health import HealthBook
 from supervisor.placement import Placement
 from supervisor.pool import WorkerPool
 
@@ -53,6 +54,8 @@ class CallRecord:
     dialogid: int
     ref: int
     suid: str | None
+    module: str = "User"
+    started: float = field(default_factory=time.monotonic)
 
 
 class Supervisor:
@@ -74,12 +77,15 @@ class Supervisor:
         self.conns: dict[int, ClientConn] = {}
         self.calls: dict[int, CallRecord] = {}  # channel -> record
         self.live_suids: dict[str, int] = {}  # suid -> channel
+        self.agent_rooms: dict[int, int] = {}  # roomkey -> channel of its agent leg
         self.worker_ready: dict[int, asyncio.Event] = {i: asyncio.Event() for i in range(count)}
         self._conn_ids = itertools.count(1)
         self._ctx = zmq.asyncio.Context()
         self._router = self._ctx.socket(zmq.ROUTER)
         self._receiver: asyncio.Task[None] | None = None
         self._shutdown_done: set[int] = set()
+        self.health = HealthBook(self)
+        self._health_timer: asyncio.TimerHandle | None = None
         self._shutdown_event = asyncio.Event()
         self.stopping = False
 
@@ -94,6 +100,19 @@ class Supervisor:
         await self.aps.start()
         self._receiver = asyncio.create_task(self._receive())
         await self.pool.start()
+        self._sample_health()
+
+    def _sample_health(self) -> None:
+        self.health.sample()
+        self._health_timer = asyncio.get_running_loop().call_later(1.0, self._sample_health)
+
+    def log_degraded(self, index: int, degraded: bool, lag_ms: float) -> None:
+        if degraded:
+            log.warning("worker %d degraded: event-loop lag p99 %.0f ms; it gets no new calls",
+                        index, lag_ms)
+        else:
+            log.info("worker %d recovered (loop lag p99 %.0f ms); it takes calls again", index,
+                     lag_ms)
 
     async def wait_ready(self, timeout: float = 30) -> None:
         await asyncio.wait_for(
@@ -106,6 +125,8 @@ class Supervisor:
             return
         self.stopping = True
         self.pool.stopping = True  # a worker dying now is not restarted
+        if self._health_timer is not None:
+            self._health_timer.cancel()
         log.info("shutting down: releasing %d call(s)", len(self.calls))
         shutdown = bus.Shutdown(p.CAUSE_TEMPORARY_FAILURE, "appliance shutting down")
         for index in range(len(self.placement.slots)):
@@ -203,6 +224,10 @@ class Supervisor:
                     conn, self._release(offer, 0, p.CAUSE_CALL_REJECTED, "invalid roomkey")
                 )
                 return
+            if offer.roomkey in self.agent_rooms:
+                await self._reply(conn, self._release(
+                    offer, 0, p.CAUSE_CALL_REJECTED, "room already has an agent"))
+                return
             channel = self.placement.allocate(worker)
         else:
             channel = self.placement.allocate()
@@ -213,11 +238,13 @@ class Supervisor:
             return
         worker = self.placement.worker_of(channel)
         assert worker is not None
-        record = CallRecord(conn.id, channel, worker, key[0], key[1], suid)
+        record = CallRecord(conn.id, channel, worker, key[0], key[1], suid, offer.module)
         self.calls[channel] = record
         conn.calls[key] = channel
         if suid is not None:
             self.live_suids[suid] = channel
+        if offer.module == "Agent" and offer.roomkey is not UNSET:
+            self.agent_rooms[offer.roomkey] = channel
         log.info("conn %d: %s offer %d/%d placed on channel %d (worker %d)", conn.id,
                  offer.module, key[0], key[1], channel, worker)
         self._send_worker(worker, bus.StartCall(conn.id, channel, offer))
@@ -274,6 +301,8 @@ class Supervisor:
                 return
             self.placement.set_ready(msg.index, True)
             self.worker_ready[msg.index].set()
+        elif isinstance(msg, bus.WorkerStats):
+            self.health.record(msg)
         elif isinstance(msg, bus.ShutdownDone):
             self._shutdown_done.add(msg.index)
             self._shutdown_event.set()
@@ -285,6 +314,8 @@ class Supervisor:
             return
         if record.suid is not None and self.live_suids.get(record.suid) == channel:
             del self.live_suids[record.suid]
+        for roomkey in [k for k, c in self.agent_rooms.items() if c == channel]:
+            del self.agent_rooms[roomkey]
         conn = self.conns.get(record.conn)
         if conn is not None and conn.calls.get((record.dialogid, record.ref)) == channel:
             del conn.calls[(record.dialogid, record.ref)]

@@ -50,6 +50,7 @@ async def serve(config: cfg.Config, stop: asyncio.Event) -> None:
         shutdown_timeout=2,
     )
     await site.start()
+    admin_runner = await _start_admin(config, supervisor)
     try:
         await supervisor.wait_ready()
     except TimeoutError:
@@ -67,7 +68,31 @@ async def serve(config: cfg.Config, stop: asyncio.Event) -> None:
     log.info("stop requested")
     await supervisor.shutdown()
     await runner.cleanup()
+    if admin_runner is not None:
+        await admin_runner.cleanup()
     log.info("appliance stopped")
+
+
+async def _start_admin(config: cfg.Config, supervisor: Supervisor) -> web.AppRunner | None:
+    """The operator's port: /metrics (Prometheus text) and /status (JSON)."""
+    if config.admin.port == 0:
+        return None
+
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(text=supervisor.health.prometheus(),
+                            content_type="text/plain", charset="utf-8")
+
+    async def status(_: web.Request) -> web.Response:
+        return web.json_response(supervisor.health.status())
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/status", status)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    await web.TCPSite(runner, config.admin.listen, config.admin.port).start()
+    log.info("admin: http://%s:%d/metrics and /status", config.admin.listen, config.admin.port)
+    return runner
 
 
 def run(config: cfg.Config) -> None:

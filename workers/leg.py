@@ -274,6 +274,10 @@ class WebRtcLeg:
             timer.cancel()
         self._timers.clear()
         self._on_released(release)
+        # A hang-up by either side is normal; anything the appliance or network caused is not.
+        normal = (release.cause == p.CAUSE_NORMAL and release.causestring in (
+            "normal release", "lifetime expired")) or not release.tell_client
+        self.worker.leg_released(self, release.cause, normal)
         if self.fast_path is not None:
             self.fast_path.detach()
         spawn(self._teardown(release), f"teardown-{self.channel}")

@@ -22,10 +22,11 @@ from appliance import bus
 from appliance import protocol as p
 from appliance.aps_client import ApsClient, ApsUnavailable
 from appliance.config import Config
-from appliance.rtc_adapter import CandidatePolicy
+from appliance.rtc_adapter import DECODERS, CandidatePolicy
 from appliance.sip.endpoint import SipEndpoint
 from appliance.tasks import spawn
 from workers.agent_call import AgentCall
+from workers.health import LoopLagProbe
 from workers.leg import WebRtcLeg
 from workers.room import Room
 from workers.user_call import UserCall
@@ -62,6 +63,13 @@ class Worker:
         )
         self.metrics_setup_ms: deque[float] = deque(maxlen=1000)
         self.sip_endpoint: SipEndpoint | None = None
+        self.lag = LoopLagProbe()
+        self.calls_placed = 0
+        self.calls_failed = 0
+        # Relayed packets of legs already gone (live legs are added at report time).
+        self._packets_received_closed = 0
+        self._packets_sent_closed = 0
+        self._stats_timer: asyncio.TimerHandle | None = None
         self._ctx = zmq.asyncio.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._stopping = asyncio.Event()
@@ -82,7 +90,10 @@ class Worker:
         loop.add_signal_handler(signal.SIGTERM, self._on_sigterm)
         # The supervisor decides when workers stop; an interactive Ctrl-C is its to handle.
         loop.add_signal_handler(signal.SIGINT, lambda: None)
+        DECODERS.install()
+        self.lag.start()
         self.send(bus.Hello(self.index, os.getpid()))
+        self._report_stats()
         log.info("worker %d ready (pid %d)", self.index, os.getpid())
         receiver = asyncio.create_task(self._receive())
         await self._stopping.wait()
@@ -153,7 +164,34 @@ class Worker:
         kind = AgentCall if offer.module == "Agent" else UserCall
         call = kind(self, msg.conn, msg.channel, offer)
         self.calls[msg.channel] = call
+        self.calls_placed += 1
         call.start()
+
+    # -- health ----------------------------------------------------------------------------
+
+    def _report_stats(self) -> None:
+        received = self._packets_received_closed
+        sent = self._packets_sent_closed
+        for leg in self.calls.values():
+            if leg.fast_path is not None:
+                received += leg.fast_path.received
+                sent += leg.fast_path.sent
+        p50, p99 = self.lag.percentiles()
+        self.send(bus.WorkerStats(
+            index=self.index, pid=os.getpid(), calls=len(self.calls),
+            calls_placed=self.calls_placed, calls_failed=self.calls_failed,
+            loop_lag_p50_ms=round(p50, 2), loop_lag_p99_ms=round(p99, 2),
+            packets_received=received, packets_sent=sent,
+            decoders_created=DECODERS.created,
+        ))
+        self._stats_timer = asyncio.get_running_loop().call_later(1.0, self._report_stats)
+
+    def leg_released(self, leg: WebRtcLeg, cause: int, normal: bool) -> None:
+        if not normal:
+            self.calls_failed += 1
+        if leg.fast_path is not None:
+            self._packets_received_closed += leg.fast_path.received
+            self._packets_sent_closed += leg.fast_path.sent
 
     def call_ended(self, call: WebRtcLeg) -> None:
         if self.calls.get(call.channel) is call:
@@ -187,6 +225,9 @@ class Worker:
         if self.sip_endpoint is not None:
             await asyncio.sleep(0.05)  # let the BYEs leave before the socket closes
             self.sip_endpoint.close()
+        if self._stats_timer is not None:
+            self._stats_timer.cancel()
+        self.lag.stop()
         self.send(bus.ShutdownDone(self.index))
         log.info("worker %d: released %d call(s), stopping", self.index, len(calls))
         self._stopping.set()

@@ -61,7 +61,8 @@ class StreamMeter:
         self._window_bytes = 0
         self._window_frames = 0
 
-    def packet(self, header: RtpHeader, packet: bytes, arrival: float) -> None:
+    def packet(self, header: RtpHeader, packet: bytes, arrival: float) -> bool:
+        """Account for one packet; True when it starts a VP8 keyframe."""
         size = len(packet)
         self.rtp.update(header, size, arrival)
         self._window_bytes += size
@@ -72,6 +73,8 @@ class StreamMeter:
             if size_wh is not None:
                 self.keyframes += 1
                 self.width, self.height = size_wh
+                return True
+        return False
 
     def window(self, now: float | None = None) -> tuple[float, float]:
         """(kbit/s, frames/s) since the previous call; starts a new window."""

@@ -44,6 +44,8 @@ class VideoPath:
         self._cache: list[bytes | None] = [None] * NACK_CACHE
         self._last_keyframe_request = -KEYFRAME_REQUEST_INTERVAL
         self.paused = False
+        # After (re)connecting, deltas are useless to the receiver until a keyframe.
+        self.awaiting_keyframe = True
         self.forwarded = 0
         self.retransmitted = 0
         self.keyframe_requests = 0
@@ -55,6 +57,7 @@ class VideoPath:
         self.sink = sink
         self.rewriter = rtp.RtpRewriter(sink.ssrc, VIDEO_CLOCK, mark_switches=False)
         self._cache = [None] * NACK_CACHE
+        self.awaiting_keyframe = True
         self.request_keyframe(force=True)
 
     def disconnect(self) -> None:
@@ -67,11 +70,15 @@ class VideoPath:
         header = rtp.parse_header(packet)
         if header is None:
             return
-        self.meter.packet(header, packet, time.monotonic())
+        keyframe = self.meter.packet(header, packet, time.monotonic())
         self.source_ssrc = header.ssrc
         sink, rewriter = self.sink, self.rewriter
         if sink is None or rewriter is None or self.paused:
             return
+        if self.awaiting_keyframe:
+            if not keyframe:
+                return
+            self.awaiting_keyframe = False
         out = rewriter.rewrite(header.ssrc, sink.payload_type, header.marker, header.timestamp,
                                rtp.payload_of(packet, header))
         self._cache[(out[2] << 8 | out[3]) % NACK_CACHE] = out

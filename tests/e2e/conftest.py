@@ -109,6 +109,10 @@ class Appliance:
     def url(self) -> str:
         return f"wss://127.0.0.1:{self.port}/"
 
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.sections['admin']['port']}"
+
     def start(self, timeout: float = 30) -> None:
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child process
         self.process = subprocess.Popen(
@@ -186,6 +190,7 @@ def make_appliance(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[A
             "workers": {"count": 2, "channels_per_worker": 2, "restart_delay": 0.1},
             "aps": {"url": aps_url, "timeout": 1.0, "attempts": 2},
             "sip": {"base_port": free_udp_ports(4), "proxy": "127.0.0.1:9"},
+            "admin": {"port": free_port()},
             "media": {"addresses": ["127.0.0.1"], "dtls_timeout": 10.0},
         }
         for name, values in overrides.items():

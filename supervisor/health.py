@@ -1,0 +1,174 @@
+"""Per-core and per-worker health: what the supervisor knows, as Prometheus text and JSON.
+
+Workers report their own figures every second (`bus.WorkerStats`); the supervisor adds what
+only it can see (CPU and memory from psutil, restarts, free channels, degraded marks).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import psutil
+
+from appliance import bus
+
+if TYPE_CHECKING:
+    from supervisor.app import Supervisor
+
+
+@dataclass
+class WorkerHealth:
+    index: int
+    stats: bus.WorkerStats | None = None
+    process: psutil.Process | None = None
+    cpu_cores: float = 0.0  # core-seconds per second over the last sample
+    rss_bytes: int = 0
+    lagging_since: float | None = None
+    _cpu_last: tuple[float, float] | None = field(default=None, repr=False)
+
+    def sample_process(self, pid: int | None, now: float) -> None:
+        if pid is None:
+            return
+        if self.process is None or self.process.pid != pid:
+            try:
+                self.process = psutil.Process(pid)
+            except psutil.Error:
+                self.process = None
+                return
+            self._cpu_last = None
+        try:
+            times = self.process.cpu_times()
+            self.rss_bytes = self.process.memory_info().rss
+        except psutil.Error:
+            return
+        used = times.user + times.system
+        if self._cpu_last is not None:
+            previous_used, previous_at = self._cpu_last
+            if now > previous_at:
+                self.cpu_cores = max(0.0, (used - previous_used) / (now - previous_at))
+        self._cpu_last = (used, now)
+
+
+class HealthBook:
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.supervisor = supervisor
+        self.workers = {i: WorkerHealth(i) for i in range(len(supervisor.placement.slots))}
+        self.per_core: list[float] = []
+        psutil.cpu_percent(percpu=True)  # prime: the first call has no interval
+
+    def record(self, stats: bus.WorkerStats) -> None:
+        health = self.workers[stats.index]
+        health.stats = stats
+        self._judge(health, stats, time.monotonic())
+
+    def _judge(self, health: WorkerHealth, stats: bus.WorkerStats, now: float) -> None:
+        """Degraded while the loop lag p99 stays high: such a worker gets no new calls."""
+        admin = self.supervisor.config.admin
+        slot = self.supervisor.placement.slots[health.index]
+        if stats.loop_lag_p99_ms > admin.degraded_lag_ms:
+            if health.lagging_since is None:
+                health.lagging_since = now
+            if not slot.degraded and now - health.lagging_since >= admin.degraded_after:
+                slot.degraded = True
+                self.supervisor.log_degraded(health.index, True, stats.loop_lag_p99_ms)
+        else:
+            health.lagging_since = None
+            if slot.degraded:
+                slot.degraded = False
+                self.supervisor.log_degraded(health.index, False, stats.loop_lag_p99_ms)
+
+    def sample(self) -> None:
+        now = time.monotonic()
+        self.per_core = psutil.cpu_percent(percpu=True)
+        for index, health in self.workers.items():
+            health.sample_process(self.supervisor.pool.pid(index), now)
+
+    # -- views ---------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        sup = self.supervisor
+        workers = []
+        for index, health in self.workers.items():
+            slot = sup.placement.slots[index]
+            stats = health.stats
+            workers.append({
+                "index": index,
+                "pid": sup.pool.pid(index),
+                "core": sup.pool.workers[index].core,
+                "ready": slot.ready,
+                "degraded": slot.degraded,
+                "restarts": sup.pool.workers[index].restarts,
+                "channels_total": len(slot.channels),
+                "channels_busy": len(slot.channels) - len(slot.free),
+                "cpu_cores": round(health.cpu_cores, 4),
+                "rss_bytes": health.rss_bytes,
+                "loop_lag_p50_ms": stats.loop_lag_p50_ms if stats else 0.0,
+                "loop_lag_p99_ms": stats.loop_lag_p99_ms if stats else 0.0,
+                "calls_placed": stats.calls_placed if stats else 0,
+                "calls_failed": stats.calls_failed if stats else 0,
+                "packets_received": stats.packets_received if stats else 0,
+                "packets_sent": stats.packets_sent if stats else 0,
+                "decoders_created": stats.decoders_created if stats else 0,
+            })
+        calls = [
+            {"channel": r.channel, "worker": r.worker, "dialogid": r.dialogid, "ref": r.ref,
+             "module": r.module, "age_s": round(time.monotonic() - r.started, 1)}
+            for r in sorted(sup.calls.values(), key=lambda r: r.channel)
+        ]
+        return {"appliance": sup.appliance_id, "cores_percent": self.per_core,
+                "workers": workers, "calls": calls}
+
+    def prometheus(self) -> str:
+        status = self.status()
+        lines: list[str] = []
+
+        def metric(name: str, kind: str, help_text: str,
+                   values: list[tuple[dict[str, Any], float]]) -> None:
+            lines.append(f"# HELP appliance_{name} {help_text}")
+            lines.append(f"# TYPE appliance_{name} {kind}")
+            for labels, value in values:
+                text = ",".join(f'{k}="{v}"' for k, v in labels.items())
+                lines.append(f"appliance_{name}{{{text}}} {value}")
+
+        metric("core_cpu_percent", "gauge", "CPU use of each core of the box.",
+               [({"core": str(i)}, v) for i, v in enumerate(status["cores_percent"])])
+        per_worker = [
+            ("worker_up", "gauge", "1 when the worker is running and ready.",
+             lambda w: 1 if w["ready"] else 0),
+            ("worker_degraded", "gauge", "1 while the worker gets no new calls (loop lag).",
+             lambda w: 1 if w["degraded"] else 0),
+            ("worker_restarts_total", "counter", "Times the worker was restarted.",
+             lambda w: w["restarts"]),
+            ("worker_channels", "gauge", "Channels this worker owns.",
+             lambda w: w["channels_total"]),
+            ("worker_channels_busy", "gauge", "Channels in use (live calls and legs).",
+             lambda w: w["channels_busy"]),
+            ("worker_cpu_cores", "gauge", "Core-seconds per second the worker used.",
+             lambda w: w["cpu_cores"]),
+            ("worker_memory_bytes", "gauge", "Resident memory of the worker.",
+             lambda w: w["rss_bytes"]),
+            ("worker_loop_lag_p50_ms", "gauge", "Event-loop lag, median (ms).",
+             lambda w: w["loop_lag_p50_ms"]),
+            ("worker_loop_lag_p99_ms", "gauge", "Event-loop lag, 99th percentile (ms).",
+             lambda w: w["loop_lag_p99_ms"]),
+            ("worker_calls_placed_total", "counter", "Legs placed on the worker.",
+             lambda w: w["calls_placed"]),
+            ("worker_calls_failed_total", "counter", "Legs that ended other than normally.",
+             lambda w: w["calls_failed"]),
+            ("worker_packets_received_total", "counter", "RTP packets relayed in.",
+             lambda w: w["packets_received"]),
+            ("worker_packets_sent_total", "counter", "RTP packets relayed out to browsers.",
+             lambda w: w["packets_sent"]),
+            ("worker_decoders_created_total", "counter",
+             "Media decoders created (the relay never decodes: should stay 0).",
+             lambda w: w["decoders_created"]),
+        ]
+        for name, kind, help_text, get in per_worker:
+            metric(name, kind, help_text,
+                   [({"worker": str(w["index"]), "core": str(w["core"])}, get(w))
+                    for w in status["workers"]])
+        metric("calls", "gauge", "Live calls and legs on the appliance.",
+               [({}, len(status["calls"]))])
+        return "\n".join(lines) + "\n"
