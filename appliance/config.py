@@ -64,6 +64,9 @@ class MediaConfig(msgspec.Struct, forbid_unknown_fields=True):
     port_max: int = 49999
     ice_servers: list[IceServerConfig] = msgspec.field(default_factory=list)
     dtls_timeout: float = 10.0
+    # "packet": relay RTP as packets (the product). "aiortc": decode and re-encode video
+    # through aiortc's tracks, only as the bench's baseline to measure the packet relay by.
+    relay: str = "packet"
 
 
 class AdminConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -140,6 +143,8 @@ def _validate(config: Config, source: str) -> None:
         raise ConfigError(f"{source}: workers.channels_per_worker must be >= 0")
     if not 0 <= config.media.port_min <= config.media.port_max <= 65535:
         raise ConfigError(f"{source}: need 0 <= media.port_min <= media.port_max <= 65535")
+    if config.media.relay not in ("packet", "aiortc"):
+        raise ConfigError(f"{source}: media.relay must be 'packet' or 'aiortc'")
     if config.media.dtls_timeout <= 0:
         raise ConfigError(f"{source}: media.dtls_timeout must be > 0")
     if ":" not in config.sip.proxy:

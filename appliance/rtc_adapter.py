@@ -21,7 +21,7 @@ import asyncio
 import ipaddress
 import logging
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -174,25 +174,33 @@ async def _gather_host_candidates(conn: Connection, policy: CandidatePolicy) -> 
 
 
 class SilentTrack(MediaStreamTrack):
-    """A track that never yields a frame.
+    """A track that yields no frame until another track is attached to it.
 
-    It makes aiortc answer `sendrecv` (a transceiver needs a track to send), while the
-    packets on that stream really come from `SrtpFastPath.send_rtp`.
+    It makes aiortc answer `sendrecv` (a transceiver needs a track to send) while the
+    packets on that stream really come from `SrtpFastPath.send_rtp`. Only the bench's
+    baseline attaches a real track (decode and re-encode through aiortc); an attached track
+    takes effect even though aiortc's sender is already waiting on this one.
     """
 
     def __init__(self, kind: str) -> None:
         super().__init__()
         self.kind = kind
-        self._never: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._source: asyncio.Future[MediaStreamTrack] = (
+            asyncio.get_running_loop().create_future()
+        )
+
+    def attach(self, source: MediaStreamTrack) -> None:
+        if not self._source.done():
+            self._source.set_result(source)
 
     async def recv(self) -> Any:
-        await self._never
-        raise ConnectionError("track stopped")
+        source = await self._source
+        return await source.recv()
 
     def stop(self) -> None:
         super().stop()
-        if not self._never.done():
-            self._never.cancel()
+        if not self._source.done():
+            self._source.cancel()
 
 
 class SrtpFastPath:
@@ -204,6 +212,7 @@ class SrtpFastPath:
         pc: RTCPeerConnection,
         on_rtp: Callable[[bytes], None],
         on_rtcp: Callable[[bytes], None] | None = None,
+        handled_pts: Container[int] | None = None,
     ) -> None:
         dtls = _dtls_transport(pc)
         if dtls is None or dtls._rx_srtp is None or dtls._tx_srtp is None:
@@ -215,6 +224,9 @@ class SrtpFastPath:
         # With on_rtcp, the relay owns RTCP too (feedback about relayed streams must reach
         # the other browser, which aiortc knows nothing of); without it aiortc keeps it.
         self._on_rtcp = on_rtcp
+        # Payload types the relay consumes (a live view: consumers come and go); packets
+        # of any other type are left to aiortc. None: every RTP packet is ours.
+        self._handled = handled_pts
         self._chain = self._conn.data_received
         self._conn.data_received = self._data_received  # type: ignore[method-assign]
         self.received = 0
@@ -225,6 +237,9 @@ class SrtpFastPath:
         # RFC 7983 demux: 128..191 is RTP/RTCP; RFC 5761: RTCP types are 192..223.
         if 127 < data[0] < 192 and len(data) > 12:
             if not 192 <= data[1] <= 223:
+                if self._handled is not None and data[1] & 0x7F not in self._handled:
+                    self._chain(data, component)  # SRTP leaves the RTP header in clear
+                    return
                 try:
                     packet = self._rx.unprotect(data)
                 except pylibsrtp.Error:

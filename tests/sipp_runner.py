@@ -1,5 +1,6 @@
 """sipp (Debian sip-tester) as a real SIP peer in tests: start a scenario from tests/sipp/
-on ephemeral loopback ports, wait for it, and read what it logged."""
+(or one of sipp's embedded ones, `builtin=True`) on ephemeral loopback ports, wait for it,
+and read what it logged."""
 
 from __future__ import annotations
 
@@ -72,14 +73,17 @@ async def start_sipp(
     remote: tuple[str, int] | None = None,
     timeout: str = "20s",
     calls: int = 1,
+    builtin: bool = False,
 ) -> Sipp:
-    """Run `scenario` (a path relative to tests/sipp/) for `calls` calls."""
+    """Run `scenario` (a path relative to tests/sipp/, or with `builtin` the name of a
+    scenario embedded in sipp, such as "uac": see `sipp -sd uac`) for `calls` calls."""
     name = Path(scenario).stem
+    source = ["-sn", scenario] if builtin else ["-sf", str(SCENARIOS / scenario)]
     port = free_udp_port()
     out = (workdir / f"{name}_out.log").open("wb")
     command = [
         "sipp",
-        "-sf", str(SCENARIOS / scenario),
+        *source,
         "-i", "127.0.0.1",
         "-p", str(port),
         "-m", str(calls),

@@ -164,6 +164,9 @@ class WebRtcLeg:
 
     # -- packets -------------------------------------------------------------------------
 
+    def silent_track(self, kind: str) -> SilentTrack | None:
+        return next((t for t in self._tracks if t.kind == kind), None)
+
     def our_ssrc(self, kind: str) -> int:
         assert self.pc is not None
         return sender_ssrc(self.pc, kind)
@@ -248,7 +251,13 @@ class WebRtcLeg:
             timer.cancel()
         self._timers.clear()
         assert self.pc is not None
-        self.fast_path = SrtpFastPath(self.pc, self._on_rtp, self._on_rtcp)
+        baseline = self.worker.config.media.relay == "aiortc"
+        # Baseline mode leaves video and RTCP to aiortc (decode + re-encode through tracks).
+        # The product takes every RTP packet (those nobody consumes yet are dropped, never
+        # decoded); the baseline leaves what the relay does not consume to aiortc.
+        self.fast_path = SrtpFastPath(self.pc, self._on_rtp,
+                                      None if baseline else self._on_rtcp,
+                                      handled_pts=self.rtp_sinks if baseline else None)
         self.send(
             p.DTLSconnect(dialogid=self.dialogid, ref=self.ref, channel=self.channel,
                           medium=p.medium_name(self.offer.medium))

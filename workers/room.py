@@ -36,9 +36,13 @@ class Room:
 
     # -- the customer's leg --------------------------------------------------------------
 
+    @property
+    def baseline(self) -> bool:
+        return self.user.worker.config.media.relay == "aiortc"
+
     def user_connected(self) -> None:
         user = self.user
-        if user.video is not None:
+        if user.video is not None and not self.baseline:
             self.user_video = VideoPath(
                 StreamMeter(VIDEO_CLOCK, is_vp8=True), user.send_rtcp, user.our_ssrc("video")
             )
@@ -71,7 +75,9 @@ class Room:
         user = self.user
         if self.closed or agent is not self.agent:
             return
-        if agent.video is not None:
+        if self.baseline:
+            connect_through_tracks(user, agent)
+        elif agent.video is not None:
             self.agent_video = VideoPath(
                 StreamMeter(VIDEO_CLOCK, is_vp8=True), agent.send_rtcp, agent.our_ssrc("video")
             )
@@ -169,3 +175,19 @@ def _figures(kind: type[p.MyResolution] | type[p.PeerResolution], to: WebRtcLeg,
                 height=figures.height, REMB=figures.REMB, framerate=figures.framerate,
                 audio_bitrate=figures.audio_bitrate, video_bitrate=figures.video_bitrate,
                 jitter=figures.jitter, packetloss=figures.packetloss)
+
+
+def connect_through_tracks(user: WebRtcLeg, agent: WebRtcLeg) -> None:
+    """The bench's baseline: aiortc decodes each camera and re-encodes it for the other
+    browser (MediaRelay), the way an aiortc application relays without our packet path."""
+    from aiortc.contrib.media import MediaRelay
+
+    relay = MediaRelay()
+    assert user.pc is not None and agent.pc is not None
+    for source, destination in ((user, agent), (agent, user)):
+        assert source.pc is not None
+        incoming = next((t.receiver.track for t in source.pc.getTransceivers()
+                         if t.kind == "video"), None)
+        outgoing = destination.silent_track("video")
+        if incoming is not None and outgoing is not None:
+            outgoing.attach(relay.subscribe(incoming, buffered=False))

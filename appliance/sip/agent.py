@@ -5,6 +5,11 @@ pings from the PBX, stray in-dialog requests) statelessly, and turns garbage int
 line (and a 400 when the request is readable enough to answer). Nothing a peer sends can
 raise out of `receive_datagram()`.
 
+An incoming INVITE gets 403 unless an `on_incoming` handler is set: then it becomes an
+IncomingCall (uas.py) in `incoming`, the handler sees it before its IncomingInvite event
+is drained, and its later requests are routed to it by Call-ID like an outgoing call's.
+The appliance's workers set no handler; the simulated desk phone (deskphone.py) does.
+
 The per-call loops (datagrams, events, timers) are linear in the number of calls; a worker
 carries tens to a few hundred calls, for which a scan is cheaper than keeping a heap right.
 """
@@ -12,7 +17,7 @@ carries tens to a few hundred calls, for which a scan is cheaper than keeping a 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from .auth import Credentials
 from .call import ACCEPT, OutgoingCall, new_tag
@@ -29,8 +34,11 @@ from .message import (
     top_via,
 )
 from .transaction import DEFAULT_TIMERS, Addr, TimerConfig, response_destination
+from .uas import IncomingCall
 
 log = logging.getLogger("appliance.sip")
+
+IncomingHandler = Callable[[IncomingCall], None]
 
 
 class SipAgent:
@@ -41,12 +49,15 @@ class SipAgent:
         *,
         user_agent: str = "",
         timers: TimerConfig = DEFAULT_TIMERS,
+        on_incoming: IncomingHandler | None = None,
     ) -> None:
         self.local = local
         self.proxy = proxy
         self.user_agent = user_agent
         self.timers = timers
+        self.on_incoming = on_incoming  # None: incoming INVITEs get 403
         self.calls: dict[str, OutgoingCall] = {}
+        self.incoming: dict[str, IncomingCall] = {}
         self._out: list[tuple[bytes, Addr]] = []
 
     def create_call(
@@ -91,12 +102,12 @@ class SipAgent:
             self._on_garbage(exc, addr)
             return
         call_id = message.headers.get("Call-ID") or ""
-        call = self.calls.get(call_id)
+        call = self.calls.get(call_id) or self.incoming.get(call_id)
         try:
             if call is not None:
                 call.receive_message(message, addr, now)
             elif isinstance(message, SipRequest):
-                self._out_of_dialog(message, addr)
+                self._out_of_dialog(message, addr, now)
             else:
                 log.debug("response for no call (Call-ID %r) from %s dropped", call_id, addr)
         except Exception:
@@ -104,7 +115,7 @@ class SipAgent:
             log.exception("error handling a SIP message from %s (Call-ID %r)", addr, call_id)
 
     def handle_timer(self, now: float) -> None:
-        for call in list(self.calls.values()):
+        for call in self._all_calls():
             deadline = call.get_timer()
             if deadline is not None and deadline <= now:
                 try:
@@ -114,29 +125,34 @@ class SipAgent:
 
     def datagrams_to_send(self) -> list[tuple[bytes, Addr]]:
         out, self._out = self._out, []
-        for call in self.calls.values():
+        for call in self._all_calls():
             out.extend(call.datagrams_to_send())
         return out
 
     def next_event(self) -> CallEvent | None:
-        for call_id, call in list(self.calls.items()):
+        for call in self._all_calls():
             event = call.next_event()
             if event is None:
                 continue
             if isinstance(event, Terminated):
-                del self.calls[call_id]  # its last word: nothing more will come from it
+                # Its last word: nothing more will come from it.
+                self.calls.pop(call.call_id, None)
+                self.incoming.pop(call.call_id, None)
             return event
         return None
 
     def get_timer(self) -> float | None:
         return min(
-            (t for call in self.calls.values() if (t := call.get_timer()) is not None),
+            (t for call in self._all_calls() if (t := call.get_timer()) is not None),
             default=None,
         )
 
+    def _all_calls(self) -> list[OutgoingCall | IncomingCall]:
+        return [*self.calls.values(), *self.incoming.values()]
+
     # ------------------------------------------------------------------ stateless answers
 
-    def _out_of_dialog(self, request: SipRequest, addr: Addr) -> None:
+    def _out_of_dialog(self, request: SipRequest, addr: Addr, now: float) -> None:
         if request.method == "ACK":
             return  # never answered
         if tag_of(request, "To") is not None:
@@ -151,11 +167,26 @@ class SipAgent:
             )
         elif request.method == "CANCEL":
             self._respond(request, 481, addr)
+        elif request.method == "INVITE" and self.on_incoming is not None:
+            self._take_call(request, addr, now)
         elif request.method == "INVITE":
             # This appliance places calls; it does not take them.
             self._respond(request, 403, addr, reason="Incoming Calls Not Accepted")
         else:
             self._respond(request, 405, addr, [("Allow", ALLOW)])
+
+    def _take_call(self, invite: SipRequest, addr: Addr, now: float) -> None:
+        assert self.on_incoming is not None
+        call = IncomingCall(
+            invite, addr, now, local=self.local, user_agent=self.user_agent, timers=self.timers
+        )
+        self.incoming[call.call_id] = call
+        try:
+            self.on_incoming(call)
+        except Exception:
+            # The owner's bug must not leave the caller ringing forever.
+            log.exception("incoming-call handler failed for call %s", call.call_id)
+            call.reject(500, now)
 
     def _respond(
         self,
