@@ -49,6 +49,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     import uvloop
 
     from appliance.aps.server import serve as serve_aps
+    from appliance.deskphone import DeskPhone
     from supervisor.main import serve
 
     config = _load(args.config)
@@ -62,6 +63,10 @@ def cmd_demo(args: argparse.Namespace) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         aps = await serve_aps(aps_host or "127.0.0.1", int(aps_port.rstrip("/") or 8480), aps_db)
+        # The agent's desk phone, simulated: rings 2 s, answers, echoes the caller's voice.
+        phone_host, _, phone_port = config.sip.proxy.rpartition(":")
+        phone = await DeskPhone.start((phone_host, int(phone_port)), ring_seconds=2.0,
+                                      mode="answer", rtp_address=phone_host)
         host = config.signalling.listen
         shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
         print(
@@ -69,15 +74,21 @@ def cmd_demo(args: argparse.Namespace) -> None:
             f"  signalling (WebSocket) : wss://{shown}:{config.signalling.port}/\n"
             f"  reference AP-S         : {config.aps.url}  (call records: {config.aps.url}/cdr)\n"
             f"  data directory         : {config.data_path}\n"
-            "  desk phone             : none yet; calls stop after DTLSconnect until the\n"
-            "                           SIP leg lands (see the issues)\n"
-            "  place a call from Python: see README.md, 'Place a test call'\n"
+            f"  desk phone (simulated) : sip:9333@{config.sip.proxy} rings 2 s, answers and\n"
+            "                           echoes your voice back\n"
+            f"  customer page          : https://{shown}:{config.signalling.port}/VideoCall.html"
+            "?caller=5678&callee=9333&userdata=%7B%22id%22%3A%22A123456789%22%7D\n"
+            f"  agent page             : https://{shown}:{config.signalling.port}/AgentVideo.html"
+            "?roomkey=<roomkey from the call record>\n"
+            f"  operator status        : appliance status --config {args.config or ''}"
+            f" (metrics: http://{config.admin.listen}:{config.admin.port}/metrics)\n"
             "Stop with Ctrl-C.\n",
             flush=True,
         )
         try:
             await serve(config, stop)
         finally:
+            await phone.close()
             await aps.cleanup()
 
     uvloop.run(main())
