@@ -76,6 +76,39 @@ class AdminConfig(msgspec.Struct, forbid_unknown_fields=True):
     degraded_after: float = 5.0  # ...for this many seconds gets no new calls
 
 
+class PeerConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """Another appliance this one exchanges duplicate-login notices with."""
+
+    endpoint: str = ""  # its [peers] listen endpoint, e.g. "tcp://10.0.0.2:5570"
+    public_key: str = ""  # its CURVE public key, Z85 text (`appliance peer-key` prints it)
+
+
+class PeersConfig(msgspec.Struct, forbid_unknown_fields=True):
+    # ZeroMQ endpoint where peer appliances' notices arrive; empty: accept none.
+    listen: str = ""
+    # This appliance's CURVE secret key; empty: data_dir/peers/<id>.key_secret (created).
+    secret_key_file: str = ""
+    timeout: float = 2.0  # seconds for a notice to be acknowledged by the peer
+    peers: dict[str, PeerConfig] = msgspec.field(default_factory=dict)  # appliance id -> peer
+
+
+class MessagesConfig(msgspec.Struct, forbid_unknown_fields=True):
+    language: str = "zh-TW"  # "zh-TW" (the original texts) or "en"
+    level: str = "warning"
+    position: str = "top"
+    displaytime: int = 5
+
+
+class ConditionsConfig(msgspec.Struct, forbid_unknown_fields=True):
+    delay_jitter_ms: float = 80.0
+    video_loss_pct: float = 10.0
+    downlink_loss_pct: float = 10.0
+    remb_min_kbps: float = 30.0
+    hold_s: float = 3.0
+    clear_s: float = 5.0
+    silent_mic_s: float = 10.0
+
+
 class ApplianceConfig(msgspec.Struct, forbid_unknown_fields=True):
     id: str = "ms-1"
     data_dir: str = "data"
@@ -90,6 +123,9 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     aps: ApsConfig = msgspec.field(default_factory=ApsConfig)
     media: MediaConfig = msgspec.field(default_factory=MediaConfig)
     admin: AdminConfig = msgspec.field(default_factory=AdminConfig)
+    messages: MessagesConfig = msgspec.field(default_factory=MessagesConfig)
+    conditions: ConditionsConfig = msgspec.field(default_factory=ConditionsConfig)
+    peers: PeersConfig = msgspec.field(default_factory=PeersConfig)
 
     @property
     def data_path(self) -> Path:
@@ -104,6 +140,11 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
         if self.workers.bus_endpoint:
             return self.workers.bus_endpoint
         return f"ipc://{self.data_path / 'run' / 'bus.sock'}"
+
+    def peer_secret_key_path(self) -> Path:
+        if self.peers.secret_key_file:
+            return Path(self.peers.secret_key_file).resolve()
+        return self.data_path / "peers" / f"{self.appliance.id}.key_secret"
 
     def ice_servers(self) -> list[dict[str, Any]]:
         return [msgspec.to_builtins(s) for s in self.media.ice_servers]
@@ -143,6 +184,12 @@ def _validate(config: Config, source: str) -> None:
         raise ConfigError(f"{source}: workers.channels_per_worker must be >= 0")
     if not 0 <= config.media.port_min <= config.media.port_max <= 65535:
         raise ConfigError(f"{source}: need 0 <= media.port_min <= media.port_max <= 65535")
+    if config.messages.language not in ("zh-TW", "en"):
+        raise ConfigError(f"{source}: messages.language must be 'zh-TW' or 'en'")
+    if config.messages.level not in ("info", "notify", "warning", "error"):
+        raise ConfigError(f"{source}: messages.level must be info, notify, warning or error")
+    if config.messages.position not in ("top", "bottom", "middle"):
+        raise ConfigError(f"{source}: messages.position must be top, bottom or middle")
     if config.media.relay not in ("packet", "aiortc"):
         raise ConfigError(f"{source}: media.relay must be 'packet' or 'aiortc'")
     if config.media.dtls_timeout <= 0:
@@ -153,3 +200,23 @@ def _validate(config: Config, source: str) -> None:
         raise ConfigError(f"{source}: sip.dtmf_mode must be 'rfc4733' or 'info'")
     if not 0 < config.sip.rtp_port_min < config.sip.rtp_port_max <= 65535:
         raise ConfigError(f"{source}: need 0 < sip.rtp_port_min < sip.rtp_port_max <= 65535")
+    _validate_peers(config.peers, source)
+
+
+def _validate_peers(peers: PeersConfig, source: str) -> None:
+    if peers.timeout <= 0:
+        raise ConfigError(f"{source}: peers.timeout must be > 0")
+    for name, peer in peers.peers.items():
+        if not peer.endpoint:
+            raise ConfigError(f"{source}: peers.peers.{name}.endpoint is missing")
+        # A CURVE public key is 32 bytes, which Z85 writes as exactly 40 characters.
+        if len(peer.public_key) != 40 or not set(peer.public_key) <= _Z85:
+            raise ConfigError(
+                f"{source}: peers.peers.{name}.public_key must be a 40-character Z85 key "
+                "(what `appliance peer-key` prints on that appliance)"
+            )
+
+
+_Z85 = frozenset(
+    "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.-:+=^!/*?&<>()[]{}@%$#"
+)

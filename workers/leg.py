@@ -23,6 +23,8 @@ from appliance import protocol as p
 from appliance.call_state import CallMachine, Event, Release, Transition
 from appliance.media import rtcp
 from appliance.media.codec_choice import CodecChoice, NoCommonCodec, choose_codecs
+from appliance.media.rtp import ABS_SEND_TIME_URI
+from appliance.media.video import VideoSink
 from appliance.rtc_adapter import (
     SilentTrack,
     SrtpFastPath,
@@ -30,7 +32,7 @@ from appliance.rtc_adapter import (
     make_configuration,
     sender_ssrc,
 )
-from appliance.sdp_candidates import local_candidates
+from appliance.sdp_candidates import extension_id, local_candidates
 from appliance.tasks import spawn
 
 if TYPE_CHECKING:
@@ -59,6 +61,7 @@ class WebRtcLeg:
         self.connected_at: float | None = None
         self.audio: CodecChoice | None = None
         self.video: CodecChoice | None = None
+        self.abs_send_time_id: int | None = None
         self.fast_path: SrtpFastPath | None = None
         # Consumers of this browser's packets, by payload type, and of its RTCP feedback.
         self.rtp_sinks: dict[int, PacketSink] = {}
@@ -131,6 +134,7 @@ class WebRtcLeg:
         if not self.machine.live:
             return
         sdp = pc.localDescription.sdp
+        self.abs_send_time_id = extension_id(sdp, "video", ABS_SEND_TIME_URI)
         self.send(
             p.Answer(dialogid=self.dialogid, ref=self.ref, channel=self.channel,
                      medium=self.offer.medium,
@@ -166,6 +170,12 @@ class WebRtcLeg:
 
     def silent_track(self, kind: str) -> SilentTrack | None:
         return next((t for t in self._tracks if t.kind == kind), None)
+
+    def video_sink(self) -> VideoSink:
+        """Where relayed video for this browser goes."""
+        assert self.video is not None
+        return VideoSink(self.send_rtp, self.our_ssrc("video"), self.video.payload_type,
+                         self.abs_send_time_id)
 
     def our_ssrc(self, kind: str) -> int:
         assert self.pc is not None

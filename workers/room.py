@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 
 from appliance import protocol as p
 from appliance.media.quality import Figures, PartyQuality, StreamMeter
-from appliance.media.video import VIDEO_CLOCK, VideoPath, VideoSink
+from appliance.media.video import VIDEO_CLOCK, VideoPath
+from workers.room_watch import RoomWatch
 
 if TYPE_CHECKING:
     from workers.agent_call import AgentCall
@@ -32,6 +33,8 @@ class Room:
         self.user_video: VideoPath | None = None  # customer's camera -> agent's page
         self.agent_video: VideoPath | None = None  # agent's camera -> customer's page
         self._quality_timer: asyncio.TimerHandle | None = None
+        self._watch_timer: asyncio.TimerHandle | None = None
+        self.watch = RoomWatch(self)
         self.closed = False
 
     # -- the customer's leg --------------------------------------------------------------
@@ -48,12 +51,14 @@ class Room:
             )
             user.rtp_sinks[user.video.payload_type] = self.user_video.from_source
         self._schedule_quality()
+        self._schedule_watch()
 
     def user_ended(self) -> None:
         """The customer's call is over: the agent's page is told and released too."""
         self.closed = True
-        if self._quality_timer is not None:
-            self._quality_timer.cancel()
+        for timer in (self._quality_timer, self._watch_timer):
+            if timer is not None:
+                timer.cancel()
         agent = self.agent
         if agent is not None and agent.machine.live:
             agent.send(self._peerdata(agent, self.user, "Leave", p.medium_name(
@@ -84,14 +89,10 @@ class Room:
             agent.rtp_sinks[agent.video.payload_type] = self.agent_video.from_source
             if user.video is not None and user.fast_path is not None:
                 # Agent's camera to the customer; the customer's RTCP about it comes back here.
-                self.agent_video.connect(
-                    VideoSink(user.send_rtp, user.our_ssrc("video"), user.video.payload_type)
-                )
+                self.agent_video.connect(user.video_sink())
                 user.feedback_sinks[user.our_ssrc("video")] = self.agent_video.from_sink_feedback
         if self.user_video is not None and agent.video is not None:
-            self.user_video.connect(
-                VideoSink(agent.send_rtp, agent.our_ssrc("video"), agent.video.payload_type)
-            )
+            self.user_video.connect(agent.video_sink())
             agent.feedback_sinks[agent.our_ssrc("video")] = self.user_video.from_sink_feedback
         log.info("room %d: agent on channel %d joined the customer on channel %d",
                  self.roomkey, agent.channel, user.channel)
@@ -109,6 +110,25 @@ class Room:
         if not self.closed and self.user.machine.live:
             log.info("room %d: agent on channel %d left", self.roomkey, agent.channel)
             self.user.send(self._peerdata(self.user, agent, "Leave", "video"))
+
+    # -- duplicate login (Flow 3) ----------------------------------------------------------
+
+    def duplicate_login(self, text: str) -> int:
+        """The customer logged in again on another appliance: AP-S's text goes to both
+        parties, each on its own dialogid/ref/channel. The call itself goes on (ending it is
+        up to the people in it). Returns how many legs were told."""
+        told = 0
+        for leg in (self.user, self.agent):
+            if leg is None or not leg.machine.live:
+                continue
+            # "warning": possible misuse of the customer's identity deserves attention (the
+            # pages show it amber, announced as an alert); "error" would say the call failed.
+            leg.send(p.Message(dialogid=leg.dialogid, ref=leg.ref, channel=leg.channel,
+                               message=text, level="warning", position="top", displaytime=10))
+            told += 1
+        log.info("room %d: duplicate login shown to %d part%s", self.roomkey, told,
+                 "y" if told == 1 else "ies")
+        return told
 
     # -- app data and indications --------------------------------------------------------
 
@@ -131,6 +151,20 @@ class Room:
         return p.PeerData(dialogid=to.dialogid, ref=to.ref, channel=to.channel,
                           peerchannel=peer.channel, type="indication", medium=medium,
                           peerdata=what, value="width=0000;height=0000")
+
+    # -- network watch every second -------------------------------------------------------
+
+    def _schedule_watch(self) -> None:
+        if not self.closed:
+            self._watch_timer = asyncio.get_running_loop().call_later(1.0, self._watch_tick)
+
+    def _watch_tick(self) -> None:
+        try:
+            self.watch.tick()
+        except Exception:  # a measurement glitch must not stop the watch for the call
+            log.exception("room %d: network watch failed", self.roomkey)
+        finally:
+            self._schedule_watch()
 
     # -- quality every 5 s ---------------------------------------------------------------
 

@@ -63,6 +63,11 @@ class UserCall(WebRtcLeg):
             log.warning("channel %d: AP-S unavailable: %s", self.channel, exc)
             self._apply(Event.APS_DOWN)
             return
+        if result.notify is not None:
+            # Duplicate login (Flow 3): the supervisor tells the other appliance; this call
+            # goes on at once, whatever becomes of that notice.
+            n = result.notify
+            self.worker.send(bus.NotifyPeer(n.ms, n.roomkey, n.message))
         if not self.machine.live:  # the browser hung up while AP-S was thinking
             return
         self.roomkey = result.roomkey

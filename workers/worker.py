@@ -141,6 +141,12 @@ class Worker:
                 call = self.calls.get(channel)
                 if call is not None and call.conn == msg.conn:
                     call.connection_closed()
+        elif isinstance(msg, bus.DuplicateLogin):
+            room = self.rooms.get(msg.roomkey)
+            if room is None or room.closed:  # ended since the supervisor looked it up
+                log.info("duplicate login for roomkey %d: the call has ended", msg.roomkey)
+            else:
+                room.duplicate_login(msg.message)
         elif isinstance(msg, bus.Shutdown):
             await self._shutdown()
 

@@ -75,6 +75,20 @@ def build(payload_type: int, marker: bool, sequence: int, timestamp: int, ssrc: 
     ) + payload
 
 
+ABS_SEND_TIME_URI = "http://www.webrtc.org/experiments/rtp-hdrext/abs-send-time"
+
+
+def abs_send_time_extension(ext_id: int, now: float | None = None) -> bytes:
+    """A one-byte-header extension block carrying abs-send-time (6.18 fixed-point seconds).
+
+    The receiving browser estimates bandwidth from it and answers with REMB; without it
+    Chrome sends no REMB and its sender cannot adapt to the receiver's network.
+    """
+    t = time.time() if now is None else now
+    value = int(t * (1 << 18)) & 0xFFFFFF
+    return b"\xbe\xde\x00\x01" + bytes([(ext_id << 4) | 2]) + value.to_bytes(3, "big")
+
+
 class RtpRewriter:
     """One outgoing stream fed by successive sources (ringback, early media, the answered
     call, a transcoder): new SSRC and payload type, sequence numbers and timestamps
@@ -104,7 +118,7 @@ class RtpRewriter:
         return self._last_out_ts or 0
 
     def rewrite(self, source: object, payload_type: int, marker: bool, timestamp: int,
-                payload: bytes, now: float | None = None) -> bytes:
+                payload: bytes, now: float | None = None, extension: bytes = b"") -> bytes:
         """The packet to send for `payload` stamped `timestamp` by `source`."""
         if now is None:
             now = time.monotonic()
@@ -124,8 +138,10 @@ class RtpRewriter:
         self._last_wall = now
         self.packets += 1
         self.octets += len(payload)
+        if extension:
+            return _HEADER.pack(RTP_VERSION_BITS | 0x10, (0x80 if marker else 0) | payload_type,
+                                self._seq, out_ts, self.ssrc) + extension + payload
         return build(payload_type, marker, self._seq, out_ts, self.ssrc, payload)
-
 
     def inject(self, payload_type: int, marker: bool, timestamp: int, payload: bytes) -> bytes:
         """A packet on our own timeline (DTMF events) in the same sequence space."""

@@ -30,6 +30,7 @@ class VideoSink:
     send_rtp: Callable[[bytes], None]
     ssrc: int  # our video sender's SSRC on that leg (its a=ssrc)
     payload_type: int  # VP8's payload type on that leg
+    abs_send_time_id: int | None = None  # negotiated on that leg: lets it send REMB
 
 
 class VideoPath:
@@ -43,11 +44,12 @@ class VideoPath:
         self.rewriter: rtp.RtpRewriter | None = None
         self._cache: list[bytes | None] = [None] * NACK_CACHE
         self._last_keyframe_request = -KEYFRAME_REQUEST_INTERVAL
-        self.paused = False
+        self.pause_reasons: set[str] = set()  # conditions holding this direction's video
         # After (re)connecting, deltas are useless to the receiver until a keyframe.
         self.awaiting_keyframe = True
         self.forwarded = 0
         self.retransmitted = 0
+        self.nacked = 0  # sequence numbers the receiver reported lost (before any repair)
         self.keyframe_requests = 0
         self.receiver_remb_bps = 0
         self.receiver_report: rtcp.ReportBlock | None = None
@@ -73,15 +75,17 @@ class VideoPath:
         keyframe = self.meter.packet(header, packet, time.monotonic())
         self.source_ssrc = header.ssrc
         sink, rewriter = self.sink, self.rewriter
-        if sink is None or rewriter is None or self.paused:
+        if sink is None or rewriter is None or self.pause_reasons:
             return
         if self.awaiting_keyframe:
             if not keyframe:
                 return
             self.awaiting_keyframe = False
+        extension = (rtp.abs_send_time_extension(sink.abs_send_time_id)
+                     if sink.abs_send_time_id is not None else b"")
         out = rewriter.rewrite(header.ssrc, sink.payload_type, header.marker, header.timestamp,
-                               rtp.payload_of(packet, header))
-        self._cache[(out[2] << 8 | out[3]) % NACK_CACHE] = out
+                               rtp.payload_of(packet, header), extension=extension)
+        self._cache[(out[2] << 8 | out[3]) % NACK_CACHE] = out  # bytes 2-3: sequence
         sink.send_rtp(out)
         self.forwarded += 1
 
@@ -89,6 +93,7 @@ class VideoPath:
 
     def from_sink_feedback(self, item: rtcp.Feedback) -> None:
         if isinstance(item, rtcp.Nack):
+            self.nacked += len(item.lost)
             self._retransmit(item.lost)
         elif isinstance(item, rtcp.Pli | rtcp.Fir):
             self.request_keyframe()
@@ -110,6 +115,22 @@ class VideoPath:
             if cached is not None and (cached[2] << 8 | cached[3]) == seq:
                 sink.send_rtp(cached)
                 self.retransmitted += 1
+
+    @property
+    def paused(self) -> bool:
+        return bool(self.pause_reasons)
+
+    def pause(self, reason: str) -> None:
+        self.pause_reasons.add(reason)
+
+    def resume(self, reason: str) -> None:
+        """Lift one reason; when none is left, forward again from a fresh keyframe."""
+        if reason not in self.pause_reasons:
+            return
+        self.pause_reasons.discard(reason)
+        if not self.pause_reasons:
+            self.awaiting_keyframe = True
+            self.request_keyframe(force=True)
 
     def request_keyframe(self, force: bool = False) -> bool:
         """Ask the sending browser for a keyframe, at most once a second."""

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from appliance.media import rtp
+from appliance.media.conditions import opus_has_sound, pcmu_has_sound
 from appliance.media.dtmf import EventDetector, key_packets
 from appliance.media.quality import StreamMeter
 from appliance.media.ringback import Cadence, Ringback
@@ -73,6 +74,8 @@ class VoiceBridge:
         opus = browser.codec == "OPUS"
         self._opus_to_pcmu = OpusToPcmu() if opus else None
         self._pcmu_to_opus = PcmuToOpus() if opus else None
+        self.last_sound_at: float | None = None  # the customer's microphone, last heard
+        self._has_sound = opus_has_sound if browser.codec == "OPUS" else pcmu_has_sound
         self._transcoded_ts = 0  # our own timelines for transcoded frames
         self._opus_out_ts = 0
         self._to_phone_ts = 0
@@ -128,9 +131,12 @@ class VoiceBridge:
             return
         now = time.monotonic()
         self.browser_meter.packet(header, packet, now)
+        payload = rtp.payload_of(packet, header)
+        # Look for sound in one packet of 10 (5 a second): enough for the 510 warning.
+        if header.sequence % 10 == 0 and self._has_sound(payload):
+            self.last_sound_at = now
         if now < self._dtmf_busy_until:
             return  # a key press is on the wire in this stream's place
-        payload = rtp.payload_of(packet, header)
         if self._opus_to_pcmu is None:
             out = self.to_phone.rewrite(header.ssrc, PCMU_PT, header.marker, header.timestamp,
                                         payload, now)

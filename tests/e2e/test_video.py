@@ -108,6 +108,7 @@ async def test_agent_joins_and_video_is_relayed_without_decoding(
         # Quality every 5 s, from the forwarded packets.
         mine = (await user.wait_for("my_resolution", timeout=12)).action
         peer = (await user.wait_for("peer_resolution", timeout=2)).action
+        print("my_resolution", mine, "peer", peer)
         assert (mine.width, mine.height) == (320, 240), mine
         assert mine.video_bitrate > 0 and mine.framerate > 5 and mine.audio_bitrate > 0, mine
         assert mine.channel == user.channel and peer.channel == agent.channel
