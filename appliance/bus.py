@@ -42,6 +42,14 @@ class ConnectionClosed(_Msg, tag="closed"):
     channels: list[int]
 
 
+class DuplicateLogin(_Msg, tag="dup_login"):
+    """A peer appliance says this room's customer logged in again there (Flow 3): show
+    `message` to both parties of the room."""
+
+    roomkey: int
+    message: str
+
+
 class Shutdown(_Msg, tag="shutdown"):
     cause: int
     causestring: str
@@ -67,12 +75,27 @@ class RoomOpened(_Msg, tag="room"):
     roomkey: int
 
 
+class NotifyPeer(_Msg, tag="notify_peer"):
+    """AP-S's verify answer carried a duplicate-login notify: appliance `ms` holds the
+    identity's earlier call `roomkey`. The supervisor passes it on; the call never waits."""
+
+    ms: str
+    roomkey: int
+    message: str
+
+
 class ChannelFreed(_Msg, tag="freed"):
     channel: int
 
 
 class ShutdownDone(_Msg, tag="shutdown_done"):
     index: int
+
+
+class RecordingEnded(_Msg, tag="recording_ended"):
+    """A recorded call hung up: its captures are complete, the Convertor may run."""
+
+    job_path: str
 
 
 class WorkerStats(_Msg, tag="stats"):
@@ -90,8 +113,11 @@ class WorkerStats(_Msg, tag="stats"):
     decoders_created: int  # media decoders aiortc created: must stay 0
 
 
-ToWorker = StartCall | ClientAction | ConnectionClosed | Shutdown
-ToSupervisor = Hello | ToClient | RoomOpened | ChannelFreed | ShutdownDone | WorkerStats
+ToWorker = StartCall | ClientAction | ConnectionClosed | DuplicateLogin | Shutdown
+ToSupervisor = (
+    Hello | ToClient | RoomOpened | NotifyPeer | ChannelFreed | ShutdownDone | WorkerStats
+    | RecordingEnded
+)
 
 _encoder = msgspec.msgpack.Encoder()
 _to_worker = msgspec.msgpack.Decoder(ToWorker)

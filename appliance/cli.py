@@ -136,7 +136,23 @@ def render_status(status: dict) -> str:  # type: ignore[type-arg]
     return "\n".join(lines)
 
 
+def cmd_peer_key(args: argparse.Namespace) -> None:
+    from supervisor.peer_keys import main_peer_key
+
+    sys.exit(main_peer_key(["--config", args.config] if args.config else []))
+
+
 def main(argv: list[str] | None = None) -> None:
+    args_list = sys.argv[1:] if argv is None else argv
+    # These two parse their own options (they are also run on their own, by the supervisor).
+    if args_list[:1] == ["convert"]:
+        from appliance.recording.convert import main_convert
+
+        sys.exit(main_convert(args_list[1:]))
+    if args_list[:1] == ["decrypt"]:
+        from appliance.recording.crypto import main_decrypt
+
+        sys.exit(main_decrypt(args_list[1:]))
     parser = argparse.ArgumentParser(prog="appliance", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -159,7 +175,16 @@ def main(argv: list[str] | None = None) -> None:
     status.add_argument("--url", default=None, help="admin base URL, e.g. http://127.0.0.1:9090")
     status.set_defaults(func=cmd_status)
 
-    args = parser.parse_args(argv)
+    # Listed for --help; main() hands their arguments to their own parsers.
+    sub.add_parser("convert", help="the Convertor: mux, encrypt and verify one recording")
+    sub.add_parser("decrypt", help="decrypt a recording: --roomkey N [--key-file F] FILE")
+
+    peer_key = sub.add_parser("peer-key",
+                              help="print this appliance's public key for peers' [peers]")
+    peer_key.add_argument("--config", default=None)
+    peer_key.set_defaults(func=cmd_peer_key)
+
+    args = parser.parse_args(args_list)
     args.func(args)
 
 

@@ -109,6 +109,16 @@ class ConditionsConfig(msgspec.Struct, forbid_unknown_fields=True):
     silent_mic_s: float = 10.0
 
 
+class RecordingConfig(msgspec.Struct, forbid_unknown_fields=True):
+    dir: str = ""  # empty: data_dir/recordings
+    master_key_file: str = ""  # empty: data_dir/recording-master.key (made on first start)
+    # The Convertor command, run once per call after hang-up; {job}, {recordings} and
+    # {key_file} are filled in. Empty: ours (`appliance convert`).
+    convertor: str = ""
+    attempts: int = 5  # then the job waits for the next start (nothing is deleted)
+    retry_delay: float = 5.0  # seconds, doubled after each failure
+
+
 class ApplianceConfig(msgspec.Struct, forbid_unknown_fields=True):
     id: str = "ms-1"
     data_dir: str = "data"
@@ -125,11 +135,22 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     admin: AdminConfig = msgspec.field(default_factory=AdminConfig)
     messages: MessagesConfig = msgspec.field(default_factory=MessagesConfig)
     conditions: ConditionsConfig = msgspec.field(default_factory=ConditionsConfig)
+    recording: RecordingConfig = msgspec.field(default_factory=RecordingConfig)
     peers: PeersConfig = msgspec.field(default_factory=PeersConfig)
 
     @property
     def data_path(self) -> Path:
         return Path(self.appliance.data_dir).resolve()
+
+    @property
+    def recording_path(self) -> Path:
+        return Path(self.recording.dir).resolve() if self.recording.dir else (
+            self.data_path / "recordings")
+
+    @property
+    def master_key_path(self) -> Path:
+        return Path(self.recording.master_key_file).resolve() if self.recording.master_key_file \
+            else self.data_path / "recording-master.key"
 
     def worker_count(self) -> int:
         if self.workers.count > 0:

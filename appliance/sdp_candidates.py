@@ -1,4 +1,5 @@
-"""ICE candidates out of a local SDP, one `ice` message each (PROTOCOL.md step 4)."""
+"""What the appliance reads back out of its own answer SDP: ICE candidates (one `ice`
+message each, PROTOCOL.md step 4) and negotiated header-extension ids."""
 
 from __future__ import annotations
 
@@ -35,3 +36,16 @@ def local_candidates(sdp: str) -> list[p.IceCandidate]:
                         p.IceCandidate(candidate=candidate, sdpMid=mid, sdpMLineIndex=index)
                     )
     return out
+
+
+def extension_id(sdp: str, kind: str, uri: str) -> int | None:
+    """The id negotiated for header extension `uri` in the first `kind` m-section."""
+    for lines in _sections(sdp):
+        if lines and lines[0].startswith(f"m={kind}"):
+            for line in lines:
+                if line.startswith("a=extmap:"):
+                    ident, _, rest = line[len("a=extmap:"):].partition(" ")
+                    if rest.split()[0] == uri and ident.split("/")[0].isdigit():
+                        return int(ident.split("/")[0])
+            return None
+    return None

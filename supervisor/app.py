@@ -11,6 +11,7 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import msgspec
@@ -24,8 +25,10 @@ from appliance.aps_client import ApsClient, ApsUnavailable
 from appliance.config import Config
 from appliance.tasks import spawn
 from supervisor.health import HealthBook
+from supervisor.peers import DELIVERED, UNKNOWN_ROOMKEY, Peers
 from supervisor.placement import Placement
 from supervisor.pool import WorkerPool
+from supervisor.recordings import RecordingManager
 
 log = logging.getLogger("appliance.supervisor")
 
@@ -74,6 +77,7 @@ class Supervisor:
         # The supervisor closes AP-S call records that a dead worker can no longer close.
         self.aps = ApsClient(config.aps.url, config.appliance.id, timeout=config.aps.timeout,
                              attempts=config.aps.attempts)
+        self.recordings = RecordingManager(config, self.aps)
         self.conns: dict[int, ClientConn] = {}
         self.calls: dict[int, CallRecord] = {}  # channel -> record
         self.live_suids: dict[str, int] = {}  # suid -> channel
@@ -85,6 +89,8 @@ class Supervisor:
         self._receiver: asyncio.Task[None] | None = None
         self._shutdown_done: set[int] = set()
         self.health = HealthBook(self)
+        # Duplicate-login notices to and from other appliances (Flow 3).
+        self.peers = Peers(config, self._deliver_duplicate_login)
         self._health_timer: asyncio.TimerHandle | None = None
         self._shutdown_event = asyncio.Event()
         self.stopping = False
@@ -98,6 +104,9 @@ class Supervisor:
         self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self._router.bind(endpoint)
         await self.aps.start()
+        self.peers.start()
+        self.recordings.prepare()
+        self.recordings.pick_up_leftovers()
         self._receiver = asyncio.create_task(self._receive())
         await self.pool.start()
         self._sample_health()
@@ -146,6 +155,7 @@ class Supervisor:
             self._receiver.cancel()
         self._router.close(linger=0)
         self._ctx.term()
+        self.peers.close()
         await self.aps.close()
 
     async def _wait_shutdown_done(self, expected: set[int]) -> None:
@@ -288,6 +298,9 @@ class Supervisor:
             if isinstance(msg.action, p.Release) and msg.action.dialogid is not UNSET:
                 conn.calls.pop((msg.action.dialogid, msg.action.ref), None)  # type: ignore[arg-type]
             await self._reply(conn, msg.action)
+        elif isinstance(msg, bus.NotifyPeer):
+            # Its own task: a slow or dead peer must not hold up the bus.
+            spawn(self.peers.notify(msg.ms, msg.roomkey, msg.message), "notify-peer")
         elif isinstance(msg, bus.ChannelFreed):
             self._free(msg.channel)
         elif isinstance(msg, bus.RoomOpened):
@@ -301,11 +314,27 @@ class Supervisor:
                 return
             self.placement.set_ready(msg.index, True)
             self.worker_ready[msg.index].set()
+        elif isinstance(msg, bus.RecordingEnded):
+            self.recordings.submit(Path(msg.job_path))
         elif isinstance(msg, bus.WorkerStats):
             self.health.record(msg)
         elif isinstance(msg, bus.ShutdownDone):
             self._shutdown_done.add(msg.index)
             self._shutdown_event.set()
+
+    def _deliver_duplicate_login(self, roomkey: int, message: str, from_ms: str) -> str:
+        """A peer (or AP-S about this appliance) says the customer of room `roomkey` logged
+        in again elsewhere: the worker holding the room shows `message` to both parties."""
+        channel = self.placement.rooms.get(roomkey)
+        worker = None if channel is None else self.placement.worker_of(channel)
+        if worker is None:
+            log.info("duplicate-login notice from %s for roomkey %d: no such live call here",
+                     from_ms, roomkey)
+            return UNKNOWN_ROOMKEY
+        log.info("duplicate-login notice from %s for roomkey %d: telling channel %d's room "
+                 "(worker %d)", from_ms, roomkey, channel, worker)
+        self._send_worker(worker, bus.DuplicateLogin(roomkey, message))
+        return DELIVERED
 
     def _free(self, channel: int) -> None:
         record = self.calls.pop(channel, None)
@@ -334,11 +363,14 @@ class Supervisor:
                                             "media worker failed"))
         for channel in self.placement.busy_channels(index):
             self.placement.release(channel)
+        # Its recordings stopped mid-call: the captures are unlocked now; finish them.
+        asyncio.get_running_loop().call_later(0.5, self.recordings.pick_up_leftovers)
 
     async def _report_released(self, roomkey: int, cause: int, causestring: str) -> None:
         try:
             await self.aps.call_event(roomkey, "released", time.time(), cause, causestring)
-            await self.aps.end_call(roomkey, "")
+            if not self.recordings.has_job(roomkey):  # else EndCall waits for the Convertor
+                await self.aps.end_call(roomkey, "")
         except ApsUnavailable as exc:
             log.warning("AP-S did not take the end of call %d: %s", roomkey, exc)
 

@@ -117,8 +117,15 @@ class HealthBook:
              "module": r.module, "age_s": round(time.monotonic() - r.started, 1)}
             for r in sorted(sup.calls.values(), key=lambda r: r.channel)
         ]
+        peers = sup.peers.stats
         return {"appliance": sup.appliance_id, "cores_percent": self.per_core,
-                "workers": workers, "calls": calls}
+                "workers": workers, "calls": calls,
+                # Duplicate-login notices between appliances (supervisor/peers.py).
+                "peers_listening": sup.peers.listening,
+                "peers_notices_sent": peers.sent,
+                "peers_notice_failures": peers.failures,
+                "peers_notices_received": peers.received,
+                "peers_keys_refused": peers.keys_refused}
 
     def prometheus(self) -> str:
         status = self.status()
@@ -171,4 +178,13 @@ class HealthBook:
                     for w in status["workers"]])
         metric("calls", "gauge", "Live calls and legs on the appliance.",
                [({}, len(status["calls"]))])
+        for name, help_text in (
+            ("notices_sent", "Duplicate-login notices a peer appliance acknowledged."),
+            ("notice_failures", "Duplicate-login notices that did not reach their peer "
+                                "(unknown, unreachable, timed out or refused)."),
+            ("notices_received", "Duplicate-login notices received from peer appliances."),
+            ("keys_refused", "Notice connections refused: CURVE key not in [peers]."),
+        ):
+            metric(f"peers_{name}_total", "counter", help_text,
+                   [({}, status[f"peers_{name}"])])
         return "\n".join(lines) + "\n"

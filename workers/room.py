@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from appliance import protocol as p
@@ -16,6 +17,7 @@ from appliance.media.video import VIDEO_CLOCK, VideoPath
 from workers.room_watch import RoomWatch
 
 if TYPE_CHECKING:
+    from appliance.recording.capture import CallRecorder
     from workers.agent_call import AgentCall
     from workers.leg import WebRtcLeg
     from workers.user_call import UserCall
@@ -35,6 +37,7 @@ class Room:
         self._quality_timer: asyncio.TimerHandle | None = None
         self._watch_timer: asyncio.TimerHandle | None = None
         self.watch = RoomWatch(self)
+        self.recorder: CallRecorder | None = None
         self.closed = False
 
     # -- the customer's leg --------------------------------------------------------------
@@ -50,6 +53,7 @@ class Room:
                 StreamMeter(VIDEO_CLOCK, is_vp8=True), user.send_rtcp, user.our_ssrc("video")
             )
             user.rtp_sinks[user.video.payload_type] = self.user_video.from_source
+            self.user_video.tap = self._recording_tap("user")
         self._schedule_quality()
         self._schedule_watch()
 
@@ -87,6 +91,7 @@ class Room:
                 StreamMeter(VIDEO_CLOCK, is_vp8=True), agent.send_rtcp, agent.our_ssrc("video")
             )
             agent.rtp_sinks[agent.video.payload_type] = self.agent_video.from_source
+            self.agent_video.tap = self._recording_tap("agent")
             if user.video is not None and user.fast_path is not None:
                 # Agent's camera to the customer; the customer's RTCP about it comes back here.
                 self.agent_video.connect(user.video_sink())
@@ -98,6 +103,12 @@ class Room:
                  self.roomkey, agent.channel, user.channel)
         user.send(self._peerdata(user, agent, "Join", "video"))
         agent.send(self._peerdata(agent, user, "Join", p.medium_name(user.offer.medium)))
+
+    def _recording_tap(self, who: str) -> Callable[[bytes, bool, int, int], None] | None:
+        recorder = self.recorder
+        if recorder is None:
+            return None
+        return lambda payload, marker, ts, seq: recorder.video(who, payload, marker, ts, seq)
 
     def agent_left(self, agent: AgentCall) -> None:
         if agent is not self.agent:

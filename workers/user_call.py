@@ -15,6 +15,7 @@ from appliance import bus
 from appliance import protocol as p
 from appliance.aps_client import ApsUnavailable, VerifyRejected
 from appliance.call_state import Event, Release, State
+from appliance.recording.capture import CallRecorder
 from appliance.tasks import spawn
 from workers.leg import WebRtcLeg
 from workers.room import Room
@@ -80,9 +81,31 @@ class UserCall(WebRtcLeg):
     # -- connected: the room and the desk phone ----------------------------------------
 
     def _after_connected(self) -> None:
+        if self.offer.record == 1:
+            self._start_recording()
         if self.room is not None:
             self.room.user_connected()
         spawn(self._start_sip(), f"sip-{self.channel}")
+
+    def _start_recording(self) -> None:
+        assert self.roomkey is not None and self.room is not None
+        config = self.worker.config
+        try:
+            recorder = CallRecorder(
+                config.recording_path, roomkey=self.roomkey, appliance_id=config.appliance.id,
+                dialogid=self.dialogid, ref=self.ref, channel=self.channel,
+                video=self.video is not None)
+        except OSError as exc:
+            # The call goes on unrecorded; the operator sees why.
+            log.error("channel %d: cannot record: %s", self.channel, exc)
+            return
+        recorder.start()
+        self.room.recorder = recorder
+        log.info("channel %d: recording to %s", self.channel, recorder.record_file)
+        self.send(p.RecordStatus(dialogid=self.dialogid, ref=self.ref, channel=self.channel,
+                                 medium=self.offer.medium, status="start",
+                                 record_file=recorder.record_file))
+        spawn(self.worker.report_record_file(self.roomkey, recorder.record_file))
 
     async def _start_sip(self) -> None:
         endpoint = self.worker.sip_endpoint
@@ -101,6 +124,8 @@ class UserCall(WebRtcLeg):
         self.sip = SipLeg(self, endpoint, self.worker.config)
         try:
             await self.sip.start(self.audio, CallParties(caller, str(offer.callee), self.roomkey))
+            if self.sip.bridge is not None and self.room is not None:
+                self.sip.bridge.recorder = self.room.recorder
         except Exception as exc:
             log.exception("channel %d: cannot start the SIP leg", self.channel)
             self._apply(Event.SIP_SETUP_FAILED, str(exc) or type(exc).__name__)
@@ -177,4 +202,13 @@ class UserCall(WebRtcLeg):
             return
         if self.worker.rooms.get(self.roomkey) is self.room:
             del self.worker.rooms[self.roomkey]
-        await self.worker.report_released(self.roomkey, release.cause, release.causestring)
+        recorder = self.room.recorder if self.room is not None else None
+        if recorder is not None:
+            try:
+                await recorder.close()
+                self.worker.send(bus.RecordingEnded(str(recorder.job_path)))
+            except OSError:
+                # The captures and job stay on disk: the supervisor picks them up.
+                log.exception("channel %d: closing the recording failed", self.channel)
+        await self.worker.report_released(self.roomkey, release.cause, release.causestring,
+                                          recorded=recorder is not None)

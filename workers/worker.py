@@ -204,17 +204,26 @@ class Worker:
             del self.calls[call.channel]
             self.send(bus.ChannelFreed(call.channel))
 
+    async def report_record_file(self, roomkey: int, record_file: str) -> None:
+        try:
+            await self.aps.record_file(roomkey, record_file)
+        except ApsUnavailable as exc:
+            log.warning("AP-S did not take RecordFile for call %d: %s", roomkey, exc)
+
     async def report_answered(self, roomkey: int) -> None:
         try:
             await self.aps.call_event(roomkey, "answered", time.time())
         except ApsUnavailable as exc:
             log.warning("AP-S did not take the answer of call %d: %s", roomkey, exc)
 
-    async def report_released(self, roomkey: int, cause: int, causestring: str) -> None:
-        """Tell AP-S the call ended (its CDR). Never blocks the call's teardown."""
+    async def report_released(self, roomkey: int, cause: int, causestring: str,
+                              recorded: bool = False) -> None:
+        """Tell AP-S the call ended (its CDR). Never blocks the call's teardown. A recorded
+        call's EndCall comes from the supervisor, once its recording is encrypted."""
         try:
             await self.aps.call_event(roomkey, "released", time.time(), cause, causestring)
-            await self.aps.end_call(roomkey, "")
+            if not recorded:
+                await self.aps.end_call(roomkey, "")
         except ApsUnavailable as exc:
             log.warning("AP-S did not take the end of call %d: %s", roomkey, exc)
 

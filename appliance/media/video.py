@@ -40,6 +40,8 @@ class VideoPath:
         self._send_to_source = send_to_source  # RTCP towards the sending browser
         self._feedback_ssrc = feedback_ssrc  # our SSRC on the sending browser's leg
         self.source_ssrc: int | None = None
+        # The recorder's tap: (payload, marker, timestamp, sequence) of every packet received.
+        self.tap: Callable[[bytes, bool, int, int], None] | None = None
         self.sink: VideoSink | None = None
         self.rewriter: rtp.RtpRewriter | None = None
         self._cache: list[bytes | None] = [None] * NACK_CACHE
@@ -74,6 +76,9 @@ class VideoPath:
             return
         keyframe = self.meter.packet(header, packet, time.monotonic())
         self.source_ssrc = header.ssrc
+        if self.tap is not None:
+            self.tap(rtp.payload_of(packet, header), header.marker, header.timestamp,
+                     header.sequence)
         sink, rewriter = self.sink, self.rewriter
         if sink is None or rewriter is None or self.pause_reasons:
             return

@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from appliance.media import rtp
 from appliance.media.conditions import opus_has_sound, pcmu_has_sound
@@ -20,6 +21,9 @@ from appliance.media.quality import StreamMeter
 from appliance.media.ringback import Cadence, Ringback
 from appliance.media.sip_rtp import Address, RtpSocketPair
 from appliance.media.transcode import OpusToPcmu, PcmuToOpus
+
+if TYPE_CHECKING:
+    from appliance.recording.capture import CallRecorder
 
 log = logging.getLogger("appliance.voice")
 
@@ -75,6 +79,7 @@ class VoiceBridge:
         self._opus_to_pcmu = OpusToPcmu() if opus else None
         self._pcmu_to_opus = PcmuToOpus() if opus else None
         self.last_sound_at: float | None = None  # the customer's microphone, last heard
+        self.recorder: CallRecorder | None = None  # the call's recording tap, if recorded
         self._has_sound = opus_has_sound if browser.codec == "OPUS" else pcmu_has_sound
         self._transcoded_ts = 0  # our own timelines for transcoded frames
         self._opus_out_ts = 0
@@ -142,6 +147,8 @@ class VoiceBridge:
                                         payload, now)
             self._to_phone_ts = self.to_phone.last_timestamp
             self.phone.send_rtp(out)
+            if self.recorder is not None:
+                self.recorder.customer_audio(self._to_phone_ts, payload)
             return
         for frame in self._opus_to_pcmu.feed(payload):
             self._transcoded_ts = (self._transcoded_ts + 160) & 0xFFFFFFFF
@@ -149,6 +156,8 @@ class VoiceBridge:
                                         frame, now)
             self._to_phone_ts = self.to_phone.last_timestamp
             self.phone.send_rtp(out)
+            if self.recorder is not None:
+                self.recorder.customer_audio(self._to_phone_ts, frame)
 
     # -- phone -> browser ----------------------------------------------------------------
 
@@ -167,7 +176,10 @@ class VoiceBridge:
         if not self._phone_media:
             self._phone_media = True
             self.stop_ringback()
-        self._to_browser_pcmu(header.ssrc, header.timestamp, rtp.payload_of(packet, header))
+        payload = rtp.payload_of(packet, header)
+        if self.recorder is not None:
+            self.recorder.phone_audio(header.timestamp, payload)
+        self._to_browser_pcmu(header.ssrc, header.timestamp, payload)
 
     def _to_browser_pcmu(self, source: object, timestamp: int, payload: bytes) -> None:
         if self._pcmu_to_opus is None:

@@ -1,0 +1,111 @@
+"""The deployment's recording master secret: 32 random bytes, the root of every recording key.
+
+A roomkey is a 12-digit number the customer's AP-S hands out; it identifies the recording but is
+far too guessable to be a key. The real key of each file is derived from this secret (see
+crypto.py), so whoever holds the secret file holds every recording: it is created 0600 and a
+key file that anyone but its owner can read is refused rather than silently used.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import stat
+from pathlib import Path
+
+from appliance.recording.formats import create_private, fsync_dir, makedirs_private
+
+MASTER_LEN = 32
+
+
+class MasterKeyError(Exception):
+    """The master secret is missing, malformed or not protected well enough."""
+
+
+def default_key_path(config_path: str | None = None) -> Path:
+    """The key file the appliance's config names ([recording] master_key_file, or the default
+    under data_dir): what `appliance decrypt`/`convert` use without --key-file."""
+    from appliance import config as cfg  # here: the offline tools need no config otherwise
+
+    try:
+        return cfg.load(config_path).master_key_path
+    except cfg.ConfigError as exc:
+        raise MasterKeyError(str(exc)) from None
+
+
+def master_from_hex(text: str) -> bytes:
+    """A master secret given as 64 hex digits (e.g. from the config file or a vault)."""
+    try:
+        master = bytes.fromhex(text.strip())
+    except ValueError:
+        raise MasterKeyError("the recording master secret must be hex digits") from None
+    if len(master) != MASTER_LEN:
+        raise MasterKeyError(
+            f"the recording master secret must be {MASTER_LEN} bytes ({2 * MASTER_LEN} hex "
+            f"digits), got {len(master)} bytes"
+        )
+    return master
+
+
+def load_master(path: Path) -> bytes:
+    """Read an existing key file; never creates one (decrypting with a fresh key is pointless)."""
+    try:
+        # O_NOFOLLOW + fstat on the open descriptor: the file checked is the file read.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise MasterKeyError(f"no recording key file at {path}") from None
+    except OSError as exc:
+        raise MasterKeyError(f"cannot open recording key file {path}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise MasterKeyError(f"recording key file {path} is not a regular file")
+        if st.st_mode & 0o077:
+            raise MasterKeyError(
+                f"recording key file {path} is accessible by group/others "
+                f"(mode {stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {path}"
+            )
+        data = os.read(fd, MASTER_LEN + 1)
+    finally:
+        os.close(fd)
+    if len(data) != MASTER_LEN:
+        raise MasterKeyError(
+            f"recording key file {path} must hold exactly {MASTER_LEN} bytes, "
+            f"it holds {'more' if len(data) > MASTER_LEN else len(data)}"
+        )
+    return data
+
+
+def load_or_create_master(path: Path) -> bytes:
+    """The master secret at `path`, generated on first use.
+
+    Call this once at appliance start-up (so a bad key file stops the service early); the
+    offline tools (`appliance decrypt`, `appliance convert`) use load_master and never create.
+    """
+    if not os.path.lexists(path):
+        _create(path)
+    return load_master(path)
+
+
+def _create(path: Path) -> None:
+    makedirs_private(path.parent)
+    # Write the whole secret to a private temp file, then link() it into place: link fails if
+    # the name exists, so two processes starting together agree on one secret and nobody
+    # ever reads a half-written file. O_EXCL + 0o600: never readable by others, even briefly.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = create_private(tmp)  # os.open(O_CREAT | O_EXCL | O_NOFOLLOW, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # a restrictive umask may have removed our own read bit
+        data = secrets.token_bytes(MASTER_LEN)
+        if os.write(fd, data) != MASTER_LEN:
+            raise MasterKeyError(f"short write creating {path}")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass  # another process won the race: use its secret
+    finally:
+        os.unlink(tmp)
+    fsync_dir(path.parent)
