@@ -51,6 +51,8 @@ def parser() -> argparse.ArgumentParser:
                      help="pre-encoded media cache (default bench/results/cache)")
     run.add_argument("--address", default="127.0.0.1",
                      help="address the callers announce in ICE (default 127.0.0.1)")
+    run.add_argument("--record", action="store_true",
+                     help="record every call (offer record: 1): measures the recorder's cost")
     run.add_argument("--audio", choices=("PCMU", "OPUS"), default="PCMU",
                      help="the customer's voice codec: PCMU is relayed to the desk phone "
                           "untouched, OPUS makes the appliance transcode (default PCMU)")
@@ -97,6 +99,7 @@ def main(argv: list[str] | None = None) -> None:
         workers=args.workers, callers=args.callers, baseline=not args.no_baseline,
         results_dir=args.results_dir, cache_dir=args.cache_dir, address=args.address,
         audio=args.audio,
+        record=args.record,
         setup_concurrency=args.setup_concurrency, setup_timeout=args.setup_timeout,
         stop_after_failures=args.stop_after_failures,
         criteria=criteria,

@@ -285,6 +285,7 @@ class CallerHost:
         tracks = [SilentTrack("audio"), SilentTrack("video")]
         user_call = await self._users.make_video_call(
             CALLER, CALLEE, userdata, medium=2, audio=self.media.audio_codec,
+            record=1 if self.args.record else 0,
             audio_track=tracks[0], video_track=tracks[1])
         offered = time.monotonic()  # make_video_call returns once the offer is sent
         sim.user = Leg(user_call, tracks, ("audio", "video"), self.media, self.pacer, self.rng)
@@ -402,6 +403,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--identity-prefix", default="BENCH")
     parser.add_argument("--audio", choices=("PCMU", "OPUS"), default="PCMU",
                         help="the customer's voice codec (OPUS makes the appliance transcode)")
+    parser.add_argument("--record", action="store_true", help="offer record: 1 on every call")
     parser.add_argument("--setup-concurrency", type=int, default=8)
     parser.add_argument("--setup-timeout", type=float, default=45.0)
     parser.add_argument("--seed", type=int, default=1)

@@ -53,6 +53,7 @@ class Options:
     cache_dir: Path = system.ROOT / "bench" / "results" / "cache"
     address: str = "127.0.0.1"
     audio: str = "PCMU"  # the customer's codec; "OPUS" measures the transcoding path
+    record: bool = False  # every call recorded (offer record: 1): the recorder's cost
     setup_concurrency: int = 8
     setup_timeout: float = 45.0
     stop_after_failures: int = 2  # one step past the limit shows the cliff on the plot
@@ -133,7 +134,8 @@ class Bench:
                                 "packets_per_s": round(clip.packets_per_second, 1),
                                 "keyframes": list(clip.keyframes)},
                       "audio": {"codec": o.audio, "ptime_ms": 20, "packets_per_s": 50,
-                                "transcoded_by_appliance": o.audio != "PCMU"}},
+                                "transcoded_by_appliance": o.audio != "PCMU"},
+                      "recorded": o.record},
             "phases": phases,
         }
         if "packet" in phases and "aiortc" in phases:
@@ -204,6 +206,7 @@ class Bench:
             argv = [sys.executable, "-m", "bench.caller", "--url", aut.url,
                     "--aps-db", str(self.aps_db), "--cache-dir", str(o.cache_dir),
                     "--address", o.address, "--audio", o.audio,
+                    *(["--record"] if o.record else []),
                     "--identity-prefix", f"B{relay[:1].upper()}{k}-",
                     "--setup-concurrency", str(per), "--setup-timeout", str(o.setup_timeout),
                     "--seed", str(k + 1)]
