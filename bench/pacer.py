@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import random
 import struct
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 
 from bench.media_cache import VideoFrame
@@ -25,7 +26,7 @@ _HEADER = struct.Struct("!BBHII")
 Send = Callable[[bytes], None]
 
 
-class TxStream:
+class TxStream(ABC):
     """One outgoing RTP stream: its own SSRC, sequence and timestamp, paced by `due`."""
 
     __slots__ = ("due", "payload_type", "period", "send", "sent", "seq", "skipped", "ssrc",
@@ -56,11 +57,12 @@ class TxStream:
             self.due += self.period
             self.ts = (self.ts + self.ts_step) & 0xFFFFFFFF
 
-    def _advance(self, periods: int) -> None:
+    def _advance(self, periods: int) -> None:  # noqa: B027 - a hook; most streams need none
         """Move the media position on by `periods` without sending (after a skip)."""
 
+    @abstractmethod
     def _one(self) -> None:
-        raise NotImplementedError
+        """Send the next packet(s) of this stream."""
 
     def _packet(self, marker: bool, payload: bytes) -> None:
         self.seq = (self.seq + 1) & 0xFFFF

@@ -22,11 +22,11 @@ import re
 import secrets
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import replace
 from enum import Enum, auto
 
 from . import causes
 from .auth import Credentials, answer_challenge
+from .callbase import SansIoCall
 from .dialog import ALLOW, Dialog
 from .dtmf_info import DTMF_RELAY, dtmf_relay_body, parse_dtmf_info
 from .events import (
@@ -47,7 +47,6 @@ from .message import (
     SipResponse,
     build_response,
     cseq_of,
-    parse,
     sdp_body,
     serialize,
     tag_of,
@@ -102,7 +101,7 @@ def _hostport(host: str, port: int | None) -> str:
     return shown if port in (None, 5060) else f"{shown}:{port}"
 
 
-class OutgoingCall:
+class OutgoingCall(SansIoCall):
     def __init__(
         self,
         *,
@@ -232,21 +231,6 @@ class OutgoingCall:
 
     # ------------------------------------------------------------------ sans-IO interface
 
-    def receive_datagram(self, data: bytes, addr: Addr, now: float) -> None:
-        try:
-            message = parse(data)
-        except SipParseError as exc:
-            log.debug("call %s: dropping unparsable datagram from %s: %s", self.call_id, addr, exc)
-            return
-        self.receive_message(message, addr, now)
-
-    def receive_message(self, message: SipRequest | SipResponse, addr: Addr, now: float) -> None:
-        if isinstance(message, SipResponse):
-            self._on_response(message, now)
-        else:
-            self._on_request(message, addr, now)
-        self._drive(now)
-
     def handle_timer(self, now: float) -> None:
         for tx, _ in list(self._client.values()):
             deadline = tx.get_timer()
@@ -263,13 +247,6 @@ class OutgoingCall:
             self._cancel_deadline = None
             self._on_cancel_gave_up()
         self._drive(now)
-
-    def datagrams_to_send(self) -> list[tuple[bytes, Addr]]:
-        out, self._out = self._out, []
-        return out
-
-    def next_event(self) -> CallEvent | None:
-        return self._events.popleft() if self._events else None
 
     def get_timer(self) -> float | None:
         deadlines = [
@@ -289,9 +266,6 @@ class OutgoingCall:
         return self.state is CallState.TERMINATED
 
     # ------------------------------------------------------------------ plumbing
-
-    def _emit(self, event: CallEvent) -> None:
-        self._events.append(replace(event, call_id=self.call_id))
 
     def _via(self) -> str:
         return f"SIP/2.0/UDP {_hostport(self.local[0], self.local[1])};rport;branch={new_branch()}"

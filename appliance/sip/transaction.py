@@ -14,6 +14,7 @@ dialog's ACK, instead of leaving that loop to the transaction user.
 from __future__ import annotations
 
 import secrets
+from abc import ABC, abstractmethod
 from collections import deque
 from dataclasses import dataclass
 from enum import Enum, auto
@@ -88,7 +89,7 @@ def response_destination(via: Via, source: Addr) -> Addr:
     return (source[0], via.port or 5060)
 
 
-class _Transaction:
+class _Transaction(ABC):
     def __init__(self, request: SipRequest, dest: Addr, timers: TimerConfig) -> None:
         self.request = request
         self.dest = dest
@@ -125,8 +126,9 @@ class _Transaction:
             del self._deadlines[name]
             self._fire(name, now)
 
+    @abstractmethod
     def _fire(self, name: str, now: float) -> None:
-        raise NotImplementedError
+        """Handle timer `name` (each kind of transaction has its own timers)."""
 
     def _send(self, data: bytes) -> None:
         self._out.append((data, self.dest))

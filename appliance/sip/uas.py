@@ -25,11 +25,11 @@ import logging
 import re
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import replace
 from enum import Enum, auto
 
 from . import causes
 from .call import ACCEPT, new_tag
+from .callbase import SansIoCall
 from .dialog import ALLOW, Dialog
 from .dtmf_info import parse_dtmf_info
 from .events import (
@@ -48,7 +48,6 @@ from .message import (
     SipRequest,
     SipResponse,
     cseq_of,
-    parse,
     parse_name_addr,
     parse_uri,
     sdp_body,
@@ -101,7 +100,7 @@ def _user_of(uri: str) -> str:
         return uri  # a tel: URI or the like: show it whole
 
 
-class IncomingCall:
+class IncomingCall(SansIoCall):
     def __init__(
         self,
         invite: SipRequest,
@@ -225,34 +224,12 @@ class IncomingCall:
 
     # ------------------------------------------------------------------ sans-IO interface
 
-    def receive_datagram(self, data: bytes, addr: Addr, now: float) -> None:
-        try:
-            message = parse(data)
-        except SipParseError as exc:
-            log.debug("call %s: dropping unparsable datagram from %s: %s", self.call_id, addr, exc)
-            return
-        self.receive_message(message, addr, now)
-
-    def receive_message(self, message: SipRequest | SipResponse, addr: Addr, now: float) -> None:
-        if isinstance(message, SipResponse):
-            self._on_response(message, now)
-        else:
-            self._on_request(message, addr, now)
-        self._drive(now)
-
     def handle_timer(self, now: float) -> None:
         for tx in [*self._client.values(), *self._server.values()]:
             deadline = tx.get_timer()
             if deadline is not None and deadline <= now:
                 tx.handle_timer(now)
         self._drive(now)
-
-    def datagrams_to_send(self) -> list[tuple[bytes, Addr]]:
-        out, self._out = self._out, []
-        return out
-
-    def next_event(self) -> CallEvent | None:
-        return self._events.popleft() if self._events else None
 
     def get_timer(self) -> float | None:
         deadlines = [
@@ -272,9 +249,6 @@ class IncomingCall:
         return self.state is IncomingState.TERMINATED
 
     # ------------------------------------------------------------------ plumbing
-
-    def _emit(self, event: CallEvent) -> None:
-        self._events.append(replace(event, call_id=self.call_id))
 
     def _via(self) -> str:
         return f"SIP/2.0/UDP {_hostport(*self.local)};rport;branch={new_branch()}"

@@ -22,25 +22,15 @@ import psutil
 import pytest
 
 from appliance.aps.server import serve as serve_aps
+from bench.system import loopback_only
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def in_loopback_only_netns() -> bool:
-    import ifaddr
-
-    for adapter in ifaddr.get_adapters():
-        for ip in adapter.ips:
-            address = ip.ip if isinstance(ip.ip, str) else ip.ip[0]
-            if not (address.startswith("127.") or address == "::1"):
-                return False
-    return True
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _require_loopback_netns() -> None:
     # Media tests must never reach a real network: refuse to run outside the namespace.
-    if not in_loopback_only_netns():
+    if not loopback_only():
         pytest.fail(
             "end-to-end tests must run in a loopback-only network namespace: "
             "use `make test` or tests/in-loopback-netns.sh"
@@ -104,19 +94,22 @@ class Appliance:
     port: int
     process: subprocess.Popen[bytes] | None = None
     sections: dict[str, dict[str, Any]] = field(default_factory=dict)
+    host: str = "127.0.0.1"  # where tests reach it
+    prefix: list[str] = field(default_factory=list)  # e.g. nsenter into another namespace
 
     @property
     def url(self) -> str:
-        return f"wss://127.0.0.1:{self.port}/"
+        return f"wss://{self.host}:{self.port}/"
 
     @property
     def admin_url(self) -> str:
-        return f"http://127.0.0.1:{self.sections['admin']['port']}"
+        return f"http://{self.host}:{self.sections['admin']['port']}"
 
     def start(self, timeout: float = 30) -> None:
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child process
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "appliance.cli", "run", "--config", str(self.config_path)],
+            [*self.prefix, sys.executable, "-m", "appliance.cli", "run", "--config",
+             str(self.config_path)],
             stdout=subprocess.PIPE,
             stderr=log,
             cwd=ROOT,

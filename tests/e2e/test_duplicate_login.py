@@ -12,13 +12,11 @@ import asyncio
 import io
 import json
 import sqlite3
-import subprocess
 import sys
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import redirect_stderr, redirect_stdout
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +34,6 @@ from appliance.config import PeerConfig
 from supervisor.peer_keys import Keypair, main_peer_key
 from supervisor.peers import DuplicateLoginNotice, NoticeFailed, send_notice
 from tests.e2e.conftest import (
-    ROOT,
     Appliance,
     ApsServer,
     eventually,
@@ -54,38 +51,6 @@ _http = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 # -- helpers -----------------------------------------------------------------------------
-
-
-@dataclass
-class ChildAppliance(Appliance):
-    """An appliance started inside the child namespace, reached at CHILD_IP."""
-
-    prefix: list[str] = field(default_factory=list)
-
-    @property
-    def url(self) -> str:
-        return f"wss://{CHILD_IP}:{self.port}/"
-
-    @property
-    def admin_url(self) -> str:
-        return f"http://{CHILD_IP}:{self.sections['admin']['port']}"
-
-    def start(self, timeout: float = 30) -> None:
-        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child process
-        self.process = subprocess.Popen(
-            [*self.prefix, sys.executable, "-m", "appliance.cli", "run", "--config",
-             str(self.config_path)],
-            stdout=subprocess.PIPE, stderr=log, cwd=ROOT,
-        )
-        assert self.process.stdout is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            line = self.process.stdout.readline()
-            if not line:
-                break
-            if line.startswith(b"READY"):
-                return
-        raise AssertionError(f"MS-2 did not become ready:\n{self.log()}")
 
 
 def peer_key(tmp_path: Path, name: str) -> tuple[Path, str]:
@@ -167,11 +132,11 @@ async def aps_on_veth(child_host: ChildHost, tmp_path: Path) -> AsyncIterator[Ap
 
 @pytest.fixture
 def start_ms2(child_host: ChildHost, tmp_path: Path,
-              request: pytest.FixtureRequest) -> Iterator[Callable[..., ChildAppliance]]:
-    started: list[ChildAppliance] = []
+              request: pytest.FixtureRequest) -> Iterator[Callable[..., Appliance]]:
+    started: list[Appliance] = []
 
     def start(aps_url: str, key_file: Path, ms1_endpoint: str, ms1_key: str,
-              timeout: float) -> ChildAppliance:
+              timeout: float) -> Appliance:
         data = tmp_path / "ms-2"
         data.mkdir()
         sections: dict[str, dict[str, Any]] = {
@@ -188,8 +153,9 @@ def start_ms2(child_host: ChildHost, tmp_path: Path,
         }
         config_path = data / "appliance.toml"
         write_toml(config_path, sections)
-        ms2 = ChildAppliance(config_path, data / "appliance.log", sections["signalling"]["port"],
-                             sections=sections, prefix=child_host.prefix)
+        # MS-2 runs inside the child namespace and is reached at its veth address.
+        ms2 = Appliance(config_path, data / "appliance.log", sections["signalling"]["port"],
+                        sections=sections, host=CHILD_IP, prefix=child_host.prefix)
         started.append(ms2)
         ms2.start()
         return ms2
@@ -217,7 +183,7 @@ def ms1_sections(key_file: Path, listen: str, ms2_key: str) -> dict[str, dict[st
 
 async def test_duplicate_login_is_shown_to_both_parties_of_the_old_call(
     child_host: ChildHost, aps_on_veth: ApsServer, make_appliance: Any,
-    start_ms2: Callable[..., ChildAppliance], tmp_path: Path,
+    start_ms2: Callable[..., Appliance], tmp_path: Path,
 ) -> None:
     aps = aps_on_veth
     ms1_key_file, ms1_key = peer_key(tmp_path, "ms-1")
@@ -286,7 +252,7 @@ async def test_a_notice_from_a_key_not_in_peers_is_refused(
 
 
 async def test_the_new_call_goes_on_when_the_old_calls_appliance_is_unreachable(
-    aps_on_veth: ApsServer, start_ms2: Callable[..., ChildAppliance], tmp_path: Path,
+    aps_on_veth: ApsServer, start_ms2: Callable[..., Appliance], tmp_path: Path,
 ) -> None:
     aps = aps_on_veth
     _, ms1_key = peer_key(tmp_path, "ms-1")
