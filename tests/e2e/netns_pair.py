@@ -38,14 +38,14 @@ def _netns_inode(pid: int | str) -> int:
 def inside_test_namespace() -> bool:
     """True inside tests/in-loopback-netns.sh's namespace, before any veth exists: only
     loopback addresses, and (where PID 1's namespace is readable) not the machine's own."""
-    from tests.e2e.conftest import in_loopback_only_netns
+    from bench.system import loopback_only
 
     try:
         if _netns_inode("self") == _netns_inode(1):
             return False
     except OSError:
         pass  # PID 1 belongs to someone else here: the other two checks still hold
-    return os.environ.get("APPLIANCE_IN_NETNS") == "1" and in_loopback_only_netns()
+    return os.environ.get("APPLIANCE_IN_NETNS") == "1" and loopback_only()
 
 
 def _run(*cmd: str) -> str:
