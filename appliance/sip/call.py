@@ -75,7 +75,7 @@ log = logging.getLogger("appliance.sip")
 ACCEPT = "application/sdp, application/dtmf-relay, application/dtmf"
 # RFC 3261 user part characters (unreserved / escaped / user-unreserved), minus ';' and '?'
 # so a caller number can never smuggle URI parameters or headers into our messages.
-_USER_RE = re.compile(r"[A-Za-z0-9\-_.!~*'()&=+$,/%]+")
+USER_PART_RE = re.compile(r"[A-Za-z0-9\-_.!~*'()&=+$,/%]+")
 
 
 class CallState(Enum):
@@ -120,7 +120,7 @@ class OutgoingCall(SansIoCall):
         call_id: str | None = None,
     ) -> None:
         for user in (caller, callee):
-            if not _USER_RE.fullmatch(user):
+            if not USER_PART_RE.fullmatch(user):
                 raise ValueError(f"not a SIP user part: {user!r}")
         # Fail here, not half-way through start().
         for name, value in [*extra_headers, ("User-Agent", user_agent)]:

@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 from collections import deque
 from collections.abc import Sequence
 from enum import Enum, auto
 
 from . import causes
-from .call import ACCEPT, new_tag
+from .call import ACCEPT, USER_PART_RE, new_tag
 from .callbase import SansIoCall
 from .dialog import ALLOW, Dialog
 from .dtmf_info import parse_dtmf_info
@@ -70,8 +69,6 @@ from .transaction import (
 
 log = logging.getLogger("appliance.sip")
 
-# A user part safe to put in our Contact as is (no ';', '?', '@', quotes or spaces).
-_CONTACT_USER_RE = re.compile(r"[A-Za-z0-9\-_.!~*'()&=+$,/%]+")
 
 
 class IncomingState(Enum):
@@ -534,4 +531,5 @@ def _retry() -> list[tuple[str, str]]:
 
 def _contact_user(user: str) -> str:
     """The callee's user part for our Contact, unless it could break the URI."""
-    return user if _CONTACT_USER_RE.fullmatch(user) else "deskphone"
+    # Only a user part safe to put in our Contact as is (no ';', '?', '@', quotes, spaces).
+    return user if USER_PART_RE.fullmatch(user) else "deskphone"
