@@ -33,6 +33,8 @@ from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCRtpSend
 from aiortc.mediastreams import MediaStreamTrack
 from aiortc.rtcdtlstransport import RTCDtlsTransport
 
+from appliance.media.udp_send import DirectSender
+
 log = logging.getLogger("appliance.rtc")
 
 _ICE_TRANSPORTS_ATTR = "_RTCPeerConnection__iceTransports"
@@ -232,6 +234,9 @@ class SrtpFastPath:
         self.received = 0
         self.sent = 0
         self.unprotect_errors = 0
+        # One direct sender per candidate pair's socket (the nominated pair rarely changes).
+        self._senders: dict[int, DirectSender] = {}
+        self._detached = False
 
     def _data_received(self, data: bytes, component: int) -> None:
         # RFC 7983 demux: 128..191 is RTP/RTCP; RFC 5761: RTCP types are 192..223.
@@ -258,21 +263,31 @@ class SrtpFastPath:
                 return
         self._chain(data, component)
 
+    def _sender(self, protocol: StunProtocol) -> DirectSender:
+        sender = self._senders.get(id(protocol))
+        if sender is None:
+            sender = self._senders[id(protocol)] = DirectSender(protocol.transport)
+        return sender
+
     def send_rtp(self, packet: bytes) -> None:
         pair = self._conn._nominated.get(1)
-        if pair is None:  # ICE is restarting or the connection is closing
+        if pair is None or self._detached:  # ICE restarting, or the leg is being torn down
             return
-        pair.protocol.transport.sendto(self._tx.protect(packet), pair.remote_addr)
+        self._sender(pair.protocol).sendto(self._tx.protect(packet), pair.remote_addr)
         self.sent += 1
 
     def send_rtcp(self, packet: bytes) -> None:
         pair = self._conn._nominated.get(1)
-        if pair is not None:
-            pair.protocol.transport.sendto(self._tx.protect_rtcp(packet), pair.remote_addr)
+        if pair is not None and not self._detached:
+            self._sender(pair.protocol).sendto(self._tx.protect_rtcp(packet), pair.remote_addr)
 
     def detach(self) -> None:
+        self._detached = True
         if self._conn.data_received == self._data_received:
             self._conn.data_received = self._chain  # type: ignore[method-assign]
+        for sender in self._senders.values():
+            sender.close()
+        self._senders.clear()
 
 
 def _dtls_transport(pc: RTCPeerConnection) -> RTCDtlsTransport | None:

@@ -8,6 +8,8 @@ import logging
 import random
 from collections.abc import Callable
 
+from appliance.media.udp_send import DirectSender
+
 log = logging.getLogger("appliance.rtp")
 
 Address = tuple[str, int]
@@ -34,6 +36,8 @@ class RtpSocketPair:
     def __init__(self, rtp: _Receiver, rtcp: _Receiver, address: str, port: int) -> None:
         self._rtp = rtp
         self._rtcp = rtcp
+        assert rtp.transport is not None
+        self._rtp_out = DirectSender(rtp.transport)
         self.address = address
         self.port = port
         self.remote_rtp: Address | None = None
@@ -74,14 +78,15 @@ class RtpSocketPair:
         self.remote_rtcp = (host, rtcp_port if rtcp_port is not None else port + 1)
 
     def send_rtp(self, packet: bytes) -> None:
-        if self.remote_rtp is not None and self._rtp.transport is not None:
-            self._rtp.transport.sendto(packet, self.remote_rtp)
+        if self.remote_rtp is not None:
+            self._rtp_out.sendto(packet, self.remote_rtp)
 
     def send_rtcp(self, packet: bytes) -> None:
         if self.remote_rtcp is not None and self._rtcp.transport is not None:
             self._rtcp.transport.sendto(packet, self.remote_rtcp)
 
     def close(self) -> None:
+        self._rtp_out.close()
         for receiver in (self._rtp, self._rtcp):
             if receiver.transport is not None:
                 receiver.transport.close()
