@@ -300,25 +300,12 @@ class OutgoingCall(SansIoCall):
         """Collect what the transactions send and say, act on it, until nothing moves."""
         moved = True
         while moved:
-            moved = False
-            for key, (tx, purpose) in list(self._client.items()):
-                out = tx.datagrams_to_send()
-                self._out.extend(out)
-                while (event := tx.next_event()) is not None:
-                    moved = True
-                    self._on_client_event(tx, purpose, event, now)
-                moved = moved or bool(out)
-                if tx.terminated:
-                    self._client.pop(key, None)
-            for skey, server_tx in list(self._server.items()):
-                out = server_tx.datagrams_to_send()
-                self._out.extend(out)
-                while (event := server_tx.next_event()) is not None:
-                    moved = True
-                    self._on_server_timeout(server_tx, now)
-                moved = moved or bool(out)
-                if server_tx.terminated:
-                    self._server.pop(skey, None)
+            client_moved = self._pump(
+                self._client, lambda entry, event: self._on_client_event(*entry, event, now),
+                tx_of=lambda entry: entry[0])
+            server_moved = self._pump(
+                self._server, lambda tx, _event: self._on_server_timeout(tx, now))
+            moved = client_moved or server_moved
         if self.state is CallState.ENDED and not self._client and not self._server:
             self.state = CallState.TERMINATED
             self._emit(Terminated())

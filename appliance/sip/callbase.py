@@ -6,7 +6,9 @@ from __future__ import annotations
 import logging
 from abc import ABC, abstractmethod
 from collections import deque
+from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 from .events import CallEvent
 from .message import SipParseError, SipRequest, SipResponse, parse
@@ -54,6 +56,23 @@ class SansIoCall(ABC):
 
     def next_event(self) -> CallEvent | None:
         return self._events.popleft() if self._events else None
+
+    def _pump(self, table: dict[Any, Any], handle: Callable[[Any, Any], None],
+              tx_of: Callable[[Any], Any] = lambda value: value) -> bool:
+        """One pass over a table of transactions: collect what they send, hand each event to
+        `handle(entry, event)`, forget the finished ones. True if anything moved."""
+        moved = False
+        for key, entry in list(table.items()):
+            tx = tx_of(entry)
+            out = tx.datagrams_to_send()
+            self._out.extend(out)
+            while (event := tx.next_event()) is not None:
+                moved = True
+                handle(entry, event)
+            moved = moved or bool(out)
+            if tx.terminated:
+                table.pop(key, None)
+        return moved
 
     def _emit(self, event: CallEvent) -> None:
         self._events.append(replace(event, call_id=self.call_id))

@@ -286,25 +286,10 @@ class IncomingCall(SansIoCall):
         """Collect what the transactions send and say, act on it, until nothing moves."""
         moved = True
         while moved:
-            moved = False
-            for branch, client in list(self._client.items()):
-                out = client.datagrams_to_send()
-                self._out.extend(out)
-                while (event := client.next_event()) is not None:
-                    moved = True
-                    self._on_bye_outcome(event)
-                moved = moved or bool(out)
-                if client.terminated:
-                    self._client.pop(branch, None)
-            for key, server in list(self._server.items()):
-                out = server.datagrams_to_send()
-                self._out.extend(out)
-                while server.next_event() is not None:
-                    moved = True
-                    self._on_server_timeout(server, now)
-                moved = moved or bool(out)
-                if server.terminated:
-                    self._server.pop(key, None)
+            client_moved = self._pump(self._client, lambda _tx, event: self._on_bye_outcome(event))
+            server_moved = self._pump(
+                self._server, lambda tx, _event: self._on_server_timeout(tx, now))
+            moved = client_moved or server_moved
         if self.state is IncomingState.ENDED and not self._client and not self._server:
             self.state = IncomingState.TERMINATED
             self._emit(Terminated())
