@@ -23,10 +23,11 @@ import secrets
 import struct
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import BinaryIO, Literal, Self
 
 import msgspec
 
@@ -160,30 +161,26 @@ def _wav_header(data_size: int, channels: int, rate: int, tag: int) -> bytes:
                             min(_U32_MAX, data_size))
 
 
-class WavWriter:
-    """An incrementally written G.711 WAV (default: µ-law, 8000 Hz, stereo)."""
+class _CaptureFile(ABC):
+    """An incrementally written capture: its header is rewritten (sizes, counts) on every
+    flush and at close. flush() may run in another thread than the writes (pwrite does not
+    move the write position); the lock keeps it apart from close()."""
 
-    def __init__(self, path: Path, channels: int = 2, rate: int = 8000,
-                 format_tag: int = WAVE_FORMAT_MULAW) -> None:
-        self.path, self.channels, self.rate, self.format_tag = path, channels, rate, format_tag
-        self.data_size = 0
-        self._lock = threading.Lock()  # flush() may run in a thread: never with close()
+    def __init__(self, path: Path, header: bytes) -> None:
+        self.path = path
+        self._lock = threading.Lock()
         self._fd: int | None = _open_capture(path)
-        _write_all(self._fd, _wav_header(0, channels, rate, format_tag))
+        _write_all(self._fd, header)
 
-    def write_frames(self, interleaved: bytes) -> None:
-        """Append sample frames (one byte per channel per sample, channels interleaved)."""
-        if len(interleaved) % self.channels:
-            raise ValueError("write_frames needs whole sample frames (one byte per channel)")
-        _write_all(self._require_open(), interleaved)
-        self.data_size += len(interleaved)
+    @abstractmethod
+    def _rewrite_header(self, fd: int) -> None:
+        """Bring the header's sizes and counts up to what has been written."""
 
     def flush(self) -> None:
-        """Make everything written so far durable and readable with correct sizes. It may run
-        in another thread than write_frames (pwrite does not move the write position)."""
+        """Make everything written so far durable and readable with a correct header."""
         with self._lock:
             fd = self._require_open()
-            self._write_sizes(fd)
+            self._rewrite_header(fd)
             os.fsync(fd)
 
     def close(self) -> None:
@@ -192,26 +189,43 @@ class WavWriter:
                 return
             fd, self._fd = self._fd, None
             try:
-                self._write_sizes(fd)
+                self._rewrite_header(fd)
                 os.fsync(fd)
             finally:
                 os.close(fd)  # also releases the flock: the Convertor may take the file now
-
-    def _write_sizes(self, fd: int) -> None:
-        header = _wav_header(self.data_size, self.channels, self.rate, self.format_tag)
-        os.pwrite(fd, header[_RIFF_SIZE_AT : _RIFF_SIZE_AT + 4], _RIFF_SIZE_AT)
-        os.pwrite(fd, header[_FACT_AT:], _FACT_AT)  # fact count, "data", data size
 
     def _require_open(self) -> int:
         if self._fd is None:
             raise ValueError(f"{self.path} is closed")
         return self._fd
 
-    def __enter__(self) -> WavWriter:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class WavWriter(_CaptureFile):
+    """An incrementally written G.711 WAV (default: µ-law, 8000 Hz, stereo)."""
+
+    def __init__(self, path: Path, channels: int = 2, rate: int = 8000,
+                 format_tag: int = WAVE_FORMAT_MULAW) -> None:
+        self.channels, self.rate, self.format_tag = channels, rate, format_tag
+        self.data_size = 0
+        super().__init__(path, _wav_header(0, channels, rate, format_tag))
+
+    def write_frames(self, interleaved: bytes) -> None:
+        """Append sample frames (one byte per channel per sample, channels interleaved)."""
+        if len(interleaved) % self.channels:
+            raise ValueError("write_frames needs whole sample frames (one byte per channel)")
+        _write_all(self._require_open(), interleaved)
+        self.data_size += len(interleaved)
+
+    def _rewrite_header(self, fd: int) -> None:
+        header = _wav_header(self.data_size, self.channels, self.rate, self.format_tag)
+        os.pwrite(fd, header[_RIFF_SIZE_AT : _RIFF_SIZE_AT + 4], _RIFF_SIZE_AT)
+        os.pwrite(fd, header[_FACT_AT:], _FACT_AT)  # fact count, "data", data size
 
 
 @dataclass(frozen=True)
@@ -368,15 +382,13 @@ def vp8_keyframe_size(frame: bytes) -> tuple[int, int] | None:
     return width & 0x3FFF, height & 0x3FFF  # the top 2 bits are an upscaling hint
 
 
-class IvfWriter:
+class IvfWriter(_CaptureFile):
     """An incrementally written IVF file of VP8 frames, timebase 1/90000."""
 
     def __init__(self, path: Path, width: int = 0, height: int = 0) -> None:
-        self.path, self.width, self.height = path, width, height
+        self.width, self.height = width, height
         self.frame_count = 0
-        self._lock = threading.Lock()  # flush() may run in a thread: never with close()
-        self._fd: int | None = _open_capture(path)
-        _write_all(self._fd, self._header())
+        super().__init__(path, self._header())
 
     def set_size(self, width: int, height: int) -> None:
         """Frame size for the header (written at flush/close); the first key frame sets it
@@ -395,38 +407,12 @@ class IvfWriter:
         _write_all(self._require_open(), _IVF_FRAME.pack(len(frame), pts) + frame)
         self.frame_count += 1
 
-    def flush(self) -> None:
-        """Header up to date, everything durable; may run in another thread than write_frame."""
-        with self._lock:
-            fd = self._require_open()
-            os.pwrite(fd, self._header(), 0)
-            os.fsync(fd)
-
-    def close(self) -> None:
-        with self._lock:
-            if self._fd is None:
-                return
-            fd, self._fd = self._fd, None
-            try:
-                os.pwrite(fd, self._header(), 0)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+    def _rewrite_header(self, fd: int) -> None:
+        os.pwrite(fd, self._header(), 0)
 
     def _header(self) -> bytes:
         return _IVF_HEADER.pack(b"DKIF", 0, IVF_HEADER_LEN, b"VP80", self.width, self.height,
                                 IVF_TIMEBASE, 1, min(_U32_MAX, self.frame_count))
-
-    def _require_open(self) -> int:
-        if self._fd is None:
-            raise ValueError(f"{self.path} is closed")
-        return self._fd
-
-    def __enter__(self) -> IvfWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def read_ivf_header(path: Path) -> IvfHeader:

@@ -386,39 +386,13 @@ def validate_header(name: str, value: str) -> None:
 # --------------------------------------------------------------------------- header helpers
 
 
-def split_header_list(value: str) -> list[str]:
-    """Split a comma-separated header value, ignoring commas in quotes and in <...>."""
-    items: list[str] = []
-    current: list[str] = []
-    in_quotes = escaped = False
-    depth = 0
-    for ch in value:
-        if in_quotes:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_quotes = False
-        elif ch == '"':
-            in_quotes = True
-        elif ch == "<":
-            depth += 1
-        elif ch == ">":
-            depth = max(0, depth - 1)
-        elif ch == "," and depth == 0:
-            items.append("".join(current).strip(" \t"))
-            current = []
-            continue
-        current.append(ch)
-    items.append("".join(current).strip(" \t"))
-    return [item for item in items if item]
-
-
-def _split_outside_quotes(text: str, sep: str) -> list[str]:
+def _split_top_level(text: str, sep: str, angles: bool) -> tuple[list[str], bool]:
+    """Split at `sep` outside quoted strings (and, with `angles`, outside <...>).
+    Returns the parts and whether a quoted string was left open."""
     parts: list[str] = []
     current: list[str] = []
     in_quotes = escaped = False
+    depth = 0
     for ch in text:
         if in_quotes:
             if escaped:
@@ -429,14 +403,29 @@ def _split_outside_quotes(text: str, sep: str) -> list[str]:
                 in_quotes = False
         elif ch == '"':
             in_quotes = True
-        elif ch == sep:
+        elif angles and ch == "<":
+            depth += 1
+        elif angles and ch == ">":
+            depth = max(0, depth - 1)
+        elif ch == sep and depth == 0:
             parts.append("".join(current))
             current = []
             continue
         current.append(ch)
-    if in_quotes:
-        raise SipParseError("unterminated quoted string")
     parts.append("".join(current))
+    return parts, in_quotes
+
+
+def split_header_list(value: str) -> list[str]:
+    """Split a comma-separated header value, ignoring commas in quotes and in <...>."""
+    parts, _ = _split_top_level(value, ",", angles=True)
+    return [item for part in parts if (item := part.strip(" \t"))]
+
+
+def _split_outside_quotes(text: str, sep: str) -> list[str]:
+    parts, unterminated = _split_top_level(text, sep, angles=False)
+    if unterminated:
+        raise SipParseError("unterminated quoted string")
     return parts
 
 
