@@ -143,39 +143,39 @@ class HealthBook:
                [({"core": str(i)}, v) for i, v in enumerate(status["cores_percent"])])
         per_worker = [
             ("worker_up", "gauge", "1 when the worker is running and ready.",
-             lambda w: 1 if w["ready"] else 0),
+             "ready"),
             ("worker_degraded", "gauge", "1 while the worker gets no new calls (loop lag).",
-             lambda w: 1 if w["degraded"] else 0),
+             "degraded"),
             ("worker_restarts_total", "counter", "Times the worker was restarted.",
-             lambda w: w["restarts"]),
+             "restarts"),
             ("worker_channels", "gauge", "Channels this worker owns.",
-             lambda w: w["channels_total"]),
+             "channels_total"),
             ("worker_channels_busy", "gauge", "Channels in use (live calls and legs).",
-             lambda w: w["channels_busy"]),
+             "channels_busy"),
             ("worker_cpu_cores", "gauge", "Core-seconds per second the worker used.",
-             lambda w: w["cpu_cores"]),
+             "cpu_cores"),
             ("worker_memory_bytes", "gauge", "Resident memory of the worker.",
-             lambda w: w["rss_bytes"]),
+             "rss_bytes"),
             ("worker_loop_lag_p50_ms", "gauge", "Event-loop lag, median (ms).",
-             lambda w: w["loop_lag_p50_ms"]),
+             "loop_lag_p50_ms"),
             ("worker_loop_lag_p99_ms", "gauge", "Event-loop lag, 99th percentile (ms).",
-             lambda w: w["loop_lag_p99_ms"]),
+             "loop_lag_p99_ms"),
             ("worker_calls_placed_total", "counter", "Legs placed on the worker.",
-             lambda w: w["calls_placed"]),
+             "calls_placed"),
             ("worker_calls_failed_total", "counter", "Legs that ended other than normally.",
-             lambda w: w["calls_failed"]),
+             "calls_failed"),
             ("worker_packets_received_total", "counter", "RTP packets relayed in.",
-             lambda w: w["packets_received"]),
+             "packets_received"),
             ("worker_packets_sent_total", "counter", "RTP packets relayed out to browsers.",
-             lambda w: w["packets_sent"]),
+             "packets_sent"),
             ("worker_decoders_created_total", "counter",
              "Media decoders created (the relay never decodes: should stay 0).",
-             lambda w: w["decoders_created"]),
+             "decoders_created"),
         ]
-        for name, kind, help_text, get in per_worker:
+        for name, kind, help_text, key in per_worker:
             metric(name, kind, help_text,
-                   [({"worker": str(w["index"]), "core": str(w["core"])}, get(w))
-                    for w in status["workers"]])
+                   [({"worker": str(w["index"]), "core": str(w["core"])}, int(w[key])
+                     if isinstance(w[key], bool) else w[key]) for w in status["workers"]])
         metric("calls", "gauge", "Live calls and legs on the appliance.",
                [({}, len(status["calls"]))])
         for name, help_text in (

@@ -12,39 +12,7 @@ import time
 from dataclasses import dataclass
 
 from appliance.media.rtp import ReceiveStats, RtpHeader
-
-_VP8_START_CODE = b"\x9d\x01\x2a"
-
-
-def vp8_keyframe_size(payload: bytes) -> tuple[int, int] | None:
-    """(width, height) if this RTP payload starts a VP8 keyframe (RFC 7741, RFC 6386 9.1)."""
-    if not payload:
-        return None
-    first = payload[0]
-    if not first & 0x10 or first & 0x07:  # not the start of partition 0
-        return None
-    index = 1
-    if first & 0x80:  # extended control bits
-        if len(payload) < 2:
-            return None
-        ext = payload[1]
-        index = 2
-        if ext & 0x80:  # picture id: 7 or 15 bits
-            if len(payload) <= index:
-                return None
-            index += 2 if payload[index] & 0x80 else 1
-        if ext & 0x40:  # TL0PICIDX
-            index += 1
-        if ext & 0x30:  # TID / KEYIDX
-            index += 1
-    header = payload[index : index + 10]
-    if len(header) < 10 or header[0] & 0x01:  # inverse key frame flag set: interframe
-        return None
-    if header[3:6] != _VP8_START_CODE:
-        return None
-    width = (header[6] | header[7] << 8) & 0x3FFF
-    height = (header[8] | header[9] << 8) & 0x3FFF
-    return width, height
+from appliance.media.vp8 import payload_keyframe_size as vp8_keyframe_size
 
 
 class StreamMeter:
@@ -69,7 +37,9 @@ class StreamMeter:
         if header.marker:
             self._window_frames += 1
         if self.is_vp8:
-            size_wh = vp8_keyframe_size(packet[header.payload_offset : header.payload_offset + 16])
+            offset = header.payload_offset
+            size_wh = vp8_keyframe_size(packet[offset : offset + 16]) if (
+                len(packet) > offset and packet[offset] & 0x17 == 0x10) else None
             if size_wh is not None:
                 self.keyframes += 1
                 self.width, self.height = size_wh

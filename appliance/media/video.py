@@ -76,9 +76,9 @@ class VideoPath:
             return
         keyframe = self.meter.packet(header, packet, time.monotonic())
         self.source_ssrc = header.ssrc
+        payload = rtp.payload_of(packet, header)
         if self.tap is not None:
-            self.tap(rtp.payload_of(packet, header), header.marker, header.timestamp,
-                     header.sequence)
+            self.tap(payload, header.marker, header.timestamp, header.sequence)
         sink, rewriter = self.sink, self.rewriter
         if sink is None or rewriter is None or self.pause_reasons:
             return
@@ -89,7 +89,7 @@ class VideoPath:
         extension = (rtp.abs_send_time_extension(sink.abs_send_time_id)
                      if sink.abs_send_time_id is not None else b"")
         out = rewriter.rewrite(header.ssrc, sink.payload_type, header.marker, header.timestamp,
-                               rtp.payload_of(packet, header), extension=extension)
+                               payload, extension=extension)
         self._cache[(out[2] << 8 | out[3]) % NACK_CACHE] = out  # bytes 2-3: sequence
         sink.send_rtp(out)
         self.forwarded += 1

@@ -31,6 +31,12 @@ from typing import BinaryIO, Literal, Self
 
 import msgspec
 
+from appliance.media import vp8
+
+# The frame-level VP8 readers the recorder and the Convertor use, under their old names.
+from appliance.media.vp8 import frame_is_keyframe as vp8_is_keyframe
+from appliance.media.vp8 import frame_keyframe_size as vp8_keyframe_size
+
 
 class CaptureFormatError(Exception):
     """A capture file that is not in the expected format and cannot be repaired."""
@@ -369,19 +375,6 @@ class IvfFrame:
         return vp8_is_keyframe(self.data)
 
 
-def vp8_is_keyframe(frame: bytes) -> bool:
-    """RFC 6386 9.1: bit 0 of the frame tag is 0 on a key frame."""
-    return bool(frame) and not frame[0] & 1
-
-
-def vp8_keyframe_size(frame: bytes) -> tuple[int, int] | None:
-    """(width, height) from a VP8 key frame's header, None for an inter frame."""
-    if len(frame) < 10 or not vp8_is_keyframe(frame) or frame[3:6] != b"\x9d\x01\x2a":
-        return None
-    width, height = struct.unpack_from("<HH", frame, 6)
-    return width & 0x3FFF, height & 0x3FFF  # the top 2 bits are an upscaling hint
-
-
 class IvfWriter(_CaptureFile):
     """An incrementally written IVF file of VP8 frames, timebase 1/90000."""
 
@@ -572,25 +565,12 @@ class Vp8Depacketizer:
 
 
 def _vp8_descriptor(payload: bytes) -> tuple[bool, int, bytes] | None:
-    """(start of partition, partition index, VP8 payload) or None if malformed (RFC 7741 4.2)."""
-    if not payload:
+    """(start of partition, partition index, VP8 payload) or None if malformed."""
+    parsed = vp8.descriptor(payload)
+    if parsed is None:
         return None
-    first, i = payload[0], 1
-    if first & 0x80:  # X: extension byte follows
-        if len(payload) < 2:
-            return None
-        ext, i = payload[1], 2
-        if ext & 0x80:  # I: picture ID, 7 or 15 bits (M)
-            if len(payload) <= i:
-                return None
-            i += 2 if payload[i] & 0x80 else 1
-        if ext & 0x40:  # L: TL0PICIDX
-            i += 1
-        if ext & 0x30:  # T or K: TID/Y/KEYIDX
-            i += 1
-    if i >= len(payload):
-        return None
-    return bool(first & 0x10), first & 0x07, payload[i:]
+    start, partition, offset = parsed
+    return start, partition, payload[offset:]
 
 
 class RtpTimestampUnwrapper:
