@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import sqlite3
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,23 @@ async def place_call(appliance: Any, **kwargs: Any) -> tuple[MediaServerClient, 
     return client, call, track, reader
 
 
+@contextlib.asynccontextmanager
+async def desk_call(
+    tmp_path: Path, aps: Any, make_appliance: Any, scenario: str,
+    sip: dict[str, Any] | None = None, **call_kwargs: Any,
+) -> AsyncIterator[tuple[Call, TaggedAudioTrack, TagReader, Sipp]]:
+    """sipp as the desk phone, an appliance pointed at it, and an SDK call placed to it;
+    everything is closed again however the test ends."""
+    sipp = await desk_phone(tmp_path, scenario)
+    appliance = make_appliance(aps.url, sip={"proxy": sipp.address, **(sip or {})})
+    client, call, track, reader = await place_call(appliance, **call_kwargs)
+    try:
+        yield call, track, reader, sipp
+    finally:
+        await client.close()
+        sipp.kill()
+
+
 async def sipp_ok(sipp: Sipp, timeout: float = 25) -> None:
     code = await sipp.exit_code(timeout)
     assert code == 0, sipp.diagnostics()
@@ -48,10 +67,9 @@ async def sipp_ok(sipp: Sipp, timeout: float = 25) -> None:
 async def test_ring_then_answer_with_rtp_echo(
     tmp_path: Path, aps: Any, make_appliance: Any
 ) -> None:
-    sipp = await desk_phone(tmp_path, "desk_echo.xml")
-    appliance = make_appliance(aps.url, sip={"proxy": sipp.address})
-    client, call, track, reader = await place_call(appliance)
-    try:
+    async with desk_call(tmp_path, aps, make_appliance, "desk_echo.xml") as (
+        call, track, reader, sipp
+    ):
         await call.wait_for("dtls_connect", timeout=15)
         answer_sdp = (await call.wait_for("answer")).action.answer.sdp
         assert re.search(r"m=audio \d+ UDP/TLS/RTP/SAVPF 0\r\n", answer_sdp), answer_sdp
@@ -70,9 +88,6 @@ async def test_ring_then_answer_with_rtp_echo(
         assert report.rtt_ms_median < 400, report
         await call.hangup()
         await sipp_ok(sipp)
-    finally:
-        await client.close()
-        sipp.kill()
     # The INVITE as the desk phone saw it.
     invite = sipp.messages.split("INVITE sip:", 1)[1].split("\n\n", 1)[0]
     roomkey = sqlite3.connect(aps.db_path).execute("SELECT roomkey FROM calls").fetchone()[0]
@@ -88,43 +103,33 @@ async def test_ring_then_answer_with_rtp_echo(
 
 
 async def test_busy_desk_phone(tmp_path: Path, aps: Any, make_appliance: Any) -> None:
-    sipp = await desk_phone(tmp_path, "desk_busy.xml")
-    appliance = make_appliance(aps.url, sip={"proxy": sipp.address})
-    client, call, _, _ = await place_call(appliance)
-    try:
+    async with desk_call(tmp_path, aps, make_appliance, "desk_busy.xml") as (
+        call, _, _, sipp
+    ):
         release = (await call.wait_for("release", timeout=15)).action
         assert release.cause == 17 and release.causestring == "user busy"
         await sipp_ok(sipp)
-    finally:
-        await client.close()
-        sipp.kill()
 
 
 async def test_no_answer_cancels_with_cause_19(
     tmp_path: Path, aps: Any, make_appliance: Any
 ) -> None:
-    sipp = await desk_phone(tmp_path, "desk_no_answer.xml")
-    appliance = make_appliance(aps.url, sip={"proxy": sipp.address, "ring_timeout": 2.0})
-    client, call, _, _ = await place_call(appliance)
-    try:
+    async with desk_call(tmp_path, aps, make_appliance, "desk_no_answer.xml",
+                         sip={"ring_timeout": 2.0}) as (call, _, _, sipp):
         await call.wait_for("dtls_connect", timeout=15)
         started = time.monotonic()
         release = (await call.wait_for("release", timeout=10)).action
         assert (release.cause, release.causestring) == (19, "no answer")
         assert time.monotonic() - started < 4
         await sipp_ok(sipp)
-    finally:
-        await client.close()
-        sipp.kill()
 
 
 async def test_early_media_reaches_the_browser_before_answer(
     tmp_path: Path, aps: Any, make_appliance: Any
 ) -> None:
-    sipp = await desk_phone(tmp_path, "desk_early_media.xml")
-    appliance = make_appliance(aps.url, sip={"proxy": sipp.address})
-    client, call, _track, reader = await place_call(appliance)
-    try:
+    async with desk_call(tmp_path, aps, make_appliance, "desk_early_media.xml") as (
+        call, _track, reader, sipp
+    ):
         await call.wait_for("dtls_connect", timeout=15)
         await call.wait_for("Join", timeout=10)
         joined = time.monotonic()
@@ -133,36 +138,28 @@ async def test_early_media_reaches_the_browser_before_answer(
         assert len(early) > 40, f"only {len(early)} early-media frames before the answer"
         await call.hangup()
         await sipp_ok(sipp)
-    finally:
-        await client.close()
-        sipp.kill()
 
 
 async def test_bye_from_the_phone_ends_the_call(
     tmp_path: Path, aps: Any, make_appliance: Any
 ) -> None:
-    sipp = await desk_phone(tmp_path, "desk_phone_hangs_up.xml")
-    appliance = make_appliance(aps.url, sip={"proxy": sipp.address})
-    client, call, _, _ = await place_call(appliance)
-    try:
+    async with desk_call(tmp_path, aps, make_appliance, "desk_phone_hangs_up.xml") as (
+        call, _, _, sipp
+    ):
         await call.wait_for("Join", timeout=15)
         leave = (await call.wait_for("Leave", timeout=10)).action
         assert leave.medium == "audio"
         release = (await call.wait_for("release", timeout=5)).action
         assert (release.cause, release.causestring) == (16, "normal release")
         await sipp_ok(sipp)
-    finally:
-        await client.close()
-        sipp.kill()
 
 
 async def test_hold_and_resume_from_the_phone(
     tmp_path: Path, aps: Any, make_appliance: Any
 ) -> None:
-    sipp = await desk_phone(tmp_path, "desk_hold.xml")
-    appliance = make_appliance(aps.url, sip={"proxy": sipp.address})
-    client, call, _track, reader = await place_call(appliance)
-    try:
+    async with desk_call(tmp_path, aps, make_appliance, "desk_hold.xml") as (
+        call, _track, reader, sipp
+    ):
         await call.wait_for("Join", timeout=15)
         answered = time.monotonic()
         release = (await call.wait_for("release", timeout=20)).action
@@ -175,17 +172,13 @@ async def test_hold_and_resume_from_the_phone(
         assert len(before) > 20 and len(after) > 20, (len(before), len(after))
         assert len(held) < 5, len(held)
         await sipp_ok(sipp)
-    finally:
-        await client.close()
-        sipp.kill()
 
 
 async def test_dtmf_both_ways(tmp_path: Path, aps: Any, make_appliance: Any) -> None:
     # RFC 4733 towards the phone; sipp echoes the events back, which is DTMF from the phone.
-    sipp = await desk_phone(tmp_path, "desk_echo.xml")
-    appliance = make_appliance(aps.url, sip={"proxy": sipp.address})
-    client, call, _, _ = await place_call(appliance)
-    try:
+    async with desk_call(tmp_path, aps, make_appliance, "desk_echo.xml") as (
+        call, _, _, sipp
+    ):
         await call.wait_for("Join", timeout=15)
         await asyncio.sleep(0.3)
         for key in "5#":
@@ -195,32 +188,24 @@ async def test_dtmf_both_ways(tmp_path: Path, aps: Any, make_appliance: Any) -> 
             await asyncio.sleep(0.5)
         await call.hangup()
         await sipp_ok(sipp)
-    finally:
-        await client.close()
-        sipp.kill()
     # What the phone got: telephone-event packets are in sipp's RTP echo, not its SIP log;
     # the round trip above is the proof. SIP INFO from the phone is the other way:
-    sipp = await desk_phone(tmp_path, "desk_info_dtmf.xml")
-    appliance = make_appliance(aps.url, sip={"proxy": sipp.address})
-    client, call, _, _ = await place_call(appliance)
-    try:
+    async with desk_call(tmp_path, aps, make_appliance, "desk_info_dtmf.xml") as (
+        call, _, _, sipp
+    ):
         await call.wait_for("Join", timeout=15)
         key = (await call.wait_for("DTMF", timeout=5)).action
         assert key.value == "7"
         await call.hangup()
         await sipp_ok(sipp)
-    finally:
-        await client.close()
-        sipp.kill()
 
 
 async def test_opus_caller_gets_two_way_audio(
     tmp_path: Path, aps: Any, make_appliance: Any
 ) -> None:
-    sipp = await desk_phone(tmp_path, "desk_echo.xml")
-    appliance = make_appliance(aps.url, sip={"proxy": sipp.address})
-    client, call, _track, reader = await place_call(appliance, audio="OPUS")
-    try:
+    async with desk_call(tmp_path, aps, make_appliance, "desk_echo.xml", audio="OPUS") as (
+        call, _track, reader, sipp
+    ):
         answer_sdp = (await call.wait_for("answer", timeout=15)).action.answer.sdp
         assert re.search(r"a=rtpmap:\d+ opus/48000/2", answer_sdp)
         assert "PCMU" not in answer_sdp
@@ -231,6 +216,3 @@ async def test_opus_caller_gets_two_way_audio(
         assert reader.loud_frames - before > 100, (before, reader.loud_frames)
         await call.hangup()
         await sipp_ok(sipp)
-    finally:
-        await client.close()
-        sipp.kill()
