@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from appliance import config as cfg
+from appliance import logsafe
 
 log = logging.getLogger("appliance")
 
@@ -20,6 +21,7 @@ def _setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s supervisor %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    logsafe.install()
 
 
 def _load(path: str | None) -> cfg.Config:

@@ -19,6 +19,7 @@ import zmq
 import zmq.asyncio
 
 from appliance import bus
+from appliance import logsafe
 from appliance import protocol as p
 from appliance.aps_client import ApsClient, ApsUnavailable
 from appliance.config import Config
@@ -260,6 +261,7 @@ def main(index: int, config_path: str, bus_endpoint: str) -> None:
         level=config.appliance.log_level,
         format=f"%(asctime)s %(levelname)s worker[{index}] %(name)s: %(message)s",
     )
+    logsafe.install()  # client and SIP text in log lines cannot forge lines
     # aioice logs every candidate pair check at INFO: far too chatty for an operator's log.
     logging.getLogger("aioice").setLevel(logging.WARNING)
     import uvloop
