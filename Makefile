@@ -3,11 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-APT_PACKAGES := sip-tester chromium ffmpeg iproute2
 CONFIG ?= conf/appliance.toml
 PYTEST_ARGS ?=
 
-.PHONY: run test lint venv system-deps clean
+.PHONY: run test fuzz lint venv system-deps clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,11 +16,14 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# Debian packages the tests drive as real peers: sipp (sip-tester), Chromium, ffmpeg, ip.
+# Debian packages the tests drive as real peers: sipp (sip-tester), Chromium and Firefox ESR,
+# ffmpeg, ip, nft.
 system-deps:
 	@missing=""; \
 	command -v sipp >/dev/null || missing="$$missing sip-tester"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v firefox-esr >/dev/null || missing="$$missing firefox-esr"; \
+	command -v nft >/dev/null || missing="$$missing nftables"; \
 	command -v ffprobe >/dev/null || missing="$$missing ffmpeg"; \
 	command -v ip >/dev/null || missing="$$missing iproute2"; \
 	if [ -n "$$missing" ]; then \
@@ -41,6 +43,12 @@ lint: venv
 # does can send a packet outside 127.0.0.0/8.
 test: venv system-deps lint
 	tests/in-loopback-netns.sh $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The hostile-network fuzzers at full scale (>= 10^5 WSS frames, >= 10^6 SIP datagrams
+# against a live call); `make test` runs the same tests at a small scale.
+fuzz: venv system-deps
+	APPLIANCE_FUZZ_SCALE=full tests/in-loopback-netns.sh $(BIN)/python -m pytest -m fuzz \
+		-p no:cacheprovider -o addopts="" --timeout=3600 $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) data build *.egg-info
