@@ -10,6 +10,7 @@ from __future__ import annotations
 import msgspec
 
 from appliance import protocol
+from appliance.sip.snapshot import DialogSnapshot
 
 
 class _Msg(msgspec.Struct, tag_field="t", array_like=True):
@@ -55,6 +56,13 @@ class Shutdown(_Msg, tag="shutdown"):
     causestring: str
 
 
+class ByeDialogs(_Msg, tag="bye_dialogs"):
+    """The confirmed SIP dialogs of this worker's dead predecessor: send each a BYE (from
+    the same SIP port) so no desk phone stays in a call nobody carries."""
+
+    dialogs: list[DialogSnapshot]
+
+
 # -- worker -> supervisor ---------------------------------------------------------------
 
 
@@ -84,8 +92,30 @@ class NotifyPeer(_Msg, tag="notify_peer"):
     message: str
 
 
+class CallConnected(_Msg, tag="connected"):
+    """The leg on `channel` is DTLS-connected: its setup is over (admission control counts
+    calls in setup per client)."""
+
+    channel: int
+
+
 class ChannelFreed(_Msg, tag="freed"):
     channel: int
+
+
+class DialogUp(_Msg, tag="dialog_up"):
+    """A confirmed SIP dialog of worker `index` (new, or its CSeq/target/routes changed):
+    what a BYE needs if the worker dies (appliance/sip/snapshot.py)."""
+
+    index: int
+    snapshot: DialogSnapshot
+
+
+class DialogDown(_Msg, tag="dialog_down"):
+    """The dialog `call_id` of worker `index` is over: nothing to BYE any more."""
+
+    index: int
+    call_id: str
 
 
 class ShutdownDone(_Msg, tag="shutdown_done"):
@@ -99,7 +129,8 @@ class RecordingEnded(_Msg, tag="recording_ended"):
 
 
 class WorkerStats(_Msg, tag="stats"):
-    """A worker's health, every second: what /metrics and `appliance status` show."""
+    """A worker's health, twice a second: what /metrics and `appliance status` show, and the
+    heartbeat the supervisor judges the worker alive by (supervisor/liveness.py)."""
 
     index: int
     pid: int
@@ -111,12 +142,24 @@ class WorkerStats(_Msg, tag="stats"):
     packets_received: int  # relayed RTP in from browsers (cumulative)
     packets_sent: int  # relayed RTP out to browsers (cumulative)
     decoders_created: int  # media decoders aiortc created: must stay 0
+    # SIP datagrams refused (source not allowed), unparsable, and answers held back by the
+    # rate limit, since the worker started (appliance/sip/agent.py).
+    sip_refused_source: int = 0
+    sip_parse_errors: int = 0
+    sip_replies_limited: int = 0
+    # Media datagrams dropped since the worker started (appliance/media/datagrams.py):
+    # phone-side RTP/RTCP not from the SDP's address, empty or > 1500 B, failed SRTP
+    # unprotect, and those a handler could not use.
+    rtp_refused_source: int = 0
+    media_oversized: int = 0
+    media_unprotect_failed: int = 0
+    media_malformed: int = 0
 
 
-ToWorker = StartCall | ClientAction | ConnectionClosed | DuplicateLogin | Shutdown
+ToWorker = StartCall | ClientAction | ConnectionClosed | DuplicateLogin | Shutdown | ByeDialogs
 ToSupervisor = (
     Hello | ToClient | RoomOpened | NotifyPeer | ChannelFreed | ShutdownDone | WorkerStats
-    | RecordingEnded
+    | RecordingEnded | CallConnected | DialogUp | DialogDown
 )
 
 _encoder = msgspec.msgpack.Encoder()

@@ -19,12 +19,23 @@ class SignallingConfig(msgspec.Struct, forbid_unknown_fields=True):
     port: int = 4433
     tls_cert: str = ""  # empty: a self-signed pair is generated under data_dir/tls
     tls_key: str = ""
+    # Bounds on what the public port accepts (supervisor/front.py); 0 = no limit.
+    max_connections: int = 1000  # open connections in all
+    # ...from one address (an IPv6 /64); a call centre's agents may share one NAT address.
+    max_connections_per_address: int = 100
+    handshake_timeout: float = 10.0  # seconds for the TLS handshake
+    header_timeout: float = 10.0  # seconds for a complete HTTP request head (slowloris)
+    idle_timeout: float = 60.0  # seconds a WebSocket may go without a frame and a live call
+    send_queue: int = 256  # frames queued for a client that does not read, then it is cut
 
 
 class WorkersConfig(msgspec.Struct, forbid_unknown_fields=True):
     count: int = 0  # 0: one media worker per CPU core this process may run on
     channels_per_worker: int = 50
     restart_delay: float = 0.2  # seconds before a dead worker is started again
+    # A dead worker's desk-phone dialogs get BYE from its replacement (same SIP port); if
+    # none is up after this many seconds, the supervisor sends those BYEs itself.
+    dialog_bye_fallback: float = 3.0
     bus_endpoint: str = ""  # ZeroMQ endpoint; empty: ipc socket under data_dir
 
 
@@ -43,12 +54,35 @@ class SipConfig(msgspec.Struct, forbid_unknown_fields=True):
     ringback_hz: list[float] = msgspec.field(default_factory=lambda: [440.0, 480.0])
     ringback_on_ms: int = 1000
     ringback_off_ms: int = 2000
+    # Whose RTP/RTCP the phone-side socket takes (appliance/media/rtp_source.py): false =
+    # only the address:port of the phone's SDP; true = latch on the first packet from the
+    # SDP's IP, any port (a NAT rewriting the port), and send our RTP back there.
+    rtp_latching: bool = False
+    # Who may send SIP (appliance/sip/sources.py): each call's own peers (the proxy, its
+    # Record-Route and Contact hosts), the proxy outside calls, and these addresses or
+    # networks ("10.1.2.3", "10.1.2.0/24") everywhere. Empty: the proxy only.
+    allowed_sources: list[str] = msgspec.field(default_factory=list)
+    strict_source_port: bool = False  # true: a peer's source port must match as well
+    # RFC 4028 session timers towards the PBX (appliance/sip/session_timer.py): the
+    # Session-Expires our INVITE asks for (0: no session timers) and our Min-SE. The RFC's
+    # floor is 90 s; a smaller session_min_se exists only so tests can run in seconds.
+    session_expires: int = 1800
+    session_min_se: int = 90
 
 
 class ApsConfig(msgspec.Struct, forbid_unknown_fields=True):
     url: str = "http://127.0.0.1:8480"
     timeout: float = 2.0
     attempts: int = 3
+    # The agent's credential (appliance/agent_token.py): a file (mode 0600) holding the secret
+    # AP-S signs agent tokens with; empty: no tokens. With require_agent_token an Agent offer
+    # must carry a valid `token`; without it a token, when sent, is still checked.
+    agent_token_secret_file: str = ""
+    require_agent_token: bool = False
+    # The file (mode 0600) holding the bearer token sent to AP-S as `Authorization: Bearer`
+    # on every request. Empty: data_dir/aps/api-token when that file exists (where the
+    # reference AP-S of `appliance demo` creates it), else no Authorization header.
+    api_token_file: str = ""
 
 
 class IceServerConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -74,6 +108,29 @@ class AdminConfig(msgspec.Struct, forbid_unknown_fields=True):
     port: int = 9090  # /metrics (Prometheus) and /status (JSON); 0 disables
     degraded_lag_ms: float = 50.0  # a worker whose loop lag p99 stays above this...
     degraded_after: float = 5.0  # ...for this many seconds gets no new calls
+    # A worker not heard on the bus for heartbeat_timeout seconds (its loop is stuck, or it
+    # is stopped) gets no new calls until it speaks again; silent for hung_restart_after
+    # seconds it is killed and restarted (its calls get release 41 "media worker failed").
+    heartbeat_timeout: float = 2.0
+    hung_restart_after: float = 10.0
+
+
+class AdmissionConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """Per-client shares of the box (supervisor/admission.py); 0 = no limit."""
+
+    # Calls in setup (booked, DTLS not up yet; each verifies with AP-S at most once at a
+    # time), per WebSocket, per source address (IPv6: per /64), and on the whole box.
+    max_setup_per_connection: int = 8
+    max_setup_per_address: int = 16
+    max_setup_total: int = 32
+    # Customer calls held, per WebSocket and per source address (agent legs not counted:
+    # each needs a live room, and a call centre's agents may share one NAT address).
+    max_calls_per_connection: int = 50
+    max_calls_per_address: int = 50
+    # Wrong roomkeys (or refused agent tokens) allowed per connection and per address per
+    # minute; the next one refuses every agent offer from there for the cool-down (s).
+    wrong_roomkeys_per_minute: int = 5
+    wrong_roomkey_cooldown: float = 60.0
 
 
 class PeerConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -137,6 +194,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     conditions: ConditionsConfig = msgspec.field(default_factory=ConditionsConfig)
     recording: RecordingConfig = msgspec.field(default_factory=RecordingConfig)
     peers: PeersConfig = msgspec.field(default_factory=PeersConfig)
+    admission: AdmissionConfig = msgspec.field(default_factory=AdmissionConfig)
 
     @property
     def data_path(self) -> Path:
@@ -171,6 +229,15 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
         return [msgspec.to_builtins(s) for s in self.media.ice_servers]
 
 
+# Config values that are secrets (dotted paths). They never reach a file the appliance writes:
+# the effective config the workers read has them removed, and each worker gets them on its
+# stdin at spawn (appliance/config_secrets.py). Add any new inline secret here.
+SECRETS: tuple[str, ...] = (
+    "sip.password",
+    "media.ice_servers",  # whole list: a TURN server's credential is in it
+)
+
+
 class ConfigError(Exception):
     pass
 
@@ -201,6 +268,7 @@ def to_dict(config: Config) -> dict[str, Any]:
 
 
 def _validate(config: Config, source: str) -> None:
+    _validate_signalling(config.signalling, source)
     if config.workers.channels_per_worker < 0:
         raise ConfigError(f"{source}: workers.channels_per_worker must be >= 0")
     if not 0 <= config.media.port_min <= config.media.port_max <= 65535:
@@ -221,7 +289,59 @@ def _validate(config: Config, source: str) -> None:
         raise ConfigError(f"{source}: sip.dtmf_mode must be 'rfc4733' or 'info'")
     if not 0 < config.sip.rtp_port_min < config.sip.rtp_port_max <= 65535:
         raise ConfigError(f"{source}: need 0 < sip.rtp_port_min < sip.rtp_port_max <= 65535")
+    from appliance.sip.sources import parse_networks
+
+    try:
+        parse_networks(config.sip.allowed_sources)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: sip.allowed_sources: {exc}") from None
     _validate_peers(config.peers, source)
+    _validate_session_timer(config, source)
+    _validate_admin(config.admin, source)
+    _validate_admission(config, source)
+
+
+def _validate_admission(config: Config, source: str) -> None:
+    adm = config.admission
+    for name in ("max_setup_per_connection", "max_setup_per_address", "max_setup_total",
+                 "max_calls_per_connection", "max_calls_per_address"):
+        if getattr(adm, name) < 0:
+            raise ConfigError(f"{source}: admission.{name} must be >= 0 (0: no limit)")
+    if adm.wrong_roomkeys_per_minute < 1:
+        raise ConfigError(f"{source}: admission.wrong_roomkeys_per_minute must be >= 1")
+    if adm.wrong_roomkey_cooldown <= 0:
+        raise ConfigError(f"{source}: admission.wrong_roomkey_cooldown must be > 0")
+    if config.aps.require_agent_token and not config.aps.agent_token_secret_file:
+        raise ConfigError(f"{source}: aps.require_agent_token needs aps.agent_token_secret_file")
+
+
+def _validate_session_timer(config: Config, source: str) -> None:
+    sip = config.sip
+    if not 1 <= sip.session_min_se <= 86400:
+        raise ConfigError(f"{source}: sip.session_min_se must be 1..86400 (RFC 4028: >= 90)")
+    if sip.session_expires != 0 and not sip.session_min_se <= sip.session_expires <= 86400:
+        raise ConfigError(
+            f"{source}: sip.session_expires must be 0 (off) or session_min_se..86400")
+    if config.workers.dialog_bye_fallback <= 0:
+        raise ConfigError(f"{source}: workers.dialog_bye_fallback must be > 0")
+
+
+def _validate_admin(admin: AdminConfig, source: str) -> None:
+    if admin.heartbeat_timeout <= 0:
+        raise ConfigError(f"{source}: admin.heartbeat_timeout must be > 0")
+    if admin.hung_restart_after < admin.heartbeat_timeout:
+        raise ConfigError(f"{source}: admin.hung_restart_after must be >= heartbeat_timeout")
+
+
+def _validate_signalling(sig: SignallingConfig, source: str) -> None:
+    for name in ("max_connections", "max_connections_per_address", "send_queue"):
+        if getattr(sig, name) < 0:
+            raise ConfigError(f"{source}: signalling.{name} must be >= 0 (0 = no limit)")
+    if sig.send_queue == 0:
+        raise ConfigError(f"{source}: signalling.send_queue must be > 0")
+    for name in ("handshake_timeout", "header_timeout", "idle_timeout"):
+        if getattr(sig, name) <= 0:
+            raise ConfigError(f"{source}: signalling.{name} must be > 0 (seconds)")
 
 
 def _validate_peers(peers: PeersConfig, source: str) -> None:

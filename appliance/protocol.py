@@ -3,16 +3,22 @@
 Decoding is strict about the contract and lenient about the original's sloppy JSON:
 - every key must be <= 16 bytes and every string value <= 128 bytes, except the SDP
   objects (`offer`, `answer`, `ice`) and `userdata` (<= 256);
-- an integer field accepts a number or a numeric string (`"channel":"4"`);
-- unknown keys are ignored (clients add their own), but must still respect the limits.
-Every problem raises `ProtocolError` carrying the Q.850-style cause and a causestring an
-operator can read; the caller turns it into a `release` and keeps the connection up.
+- an integer field accepts a number or a numeric string of ASCII digits (`"channel":"4"`),
+  and every integer field has a range (UINT is 0..2^32-1, as the slides say), so nothing
+  decode returns can overflow the MessagePack bus to the workers;
+- unknown keys are ignored (clients add their own), but must still respect the limits;
+- nesting is bounded (`MAX_DEPTH`) and so is the frame (`MAX_FRAME_BYTES`).
+Every frame from the network is hostile until proven otherwise: `decode` raises
+`ProtocolError` and nothing else, whatever the bytes, carrying the Q.850-style cause and a
+causestring an operator can read; the caller turns it into a `release` and keeps the
+connection up.
 Encoding always emits clean JSON with `"action"` first and no null fields.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+import re
+from typing import Annotated, Any, ClassVar, Literal
 
 import msgspec
 from msgspec import UNSET, UnsetType
@@ -21,10 +27,35 @@ MAX_KEY_BYTES = 16
 MAX_VALUE_BYTES = 128
 MAX_USERDATA_BYTES = 256
 MAX_FRAME_BYTES = 64 * 1024  # an SDP with many codecs and candidates stays far below this
+# A legitimate frame nests three deep (frame > offer > its fields); anything far deeper is
+# an attack on the parser's recursion (msgspec raises RecursionError near ~1000 levels).
+MAX_DEPTH = 16
+MAX_CAUSESTRING_BYTES = MAX_VALUE_BYTES  # our own releases keep the limits we impose
 # Values that are not subject to the 128-byte limit (PROTOCOL.md "Message format").
 _SDP_KEYS = frozenset({"offer", "answer", "ice"})
 _LONG_VALUE_LIMITS = {"userdata": MAX_USERDATA_BYTES}
-_SHORT_FIELD_LIMITS = {"ua_family": 64, "ua_version": 64, "ua_os": 64, "suid": 64, "module": 6}
+_SHORT_FIELD_LIMITS = {
+    "ua_family": 64, "ua_version": 64, "ua_os": 64, "suid": 64, "module": 6, "token": 64,
+}
+
+# Integer ranges. UINT is the slides' unsigned 32-bit integer. A roomkey is issued by AP-S,
+# which docs/aps-api.md lets use any integer that fits in 63 bits (the reference AP-S uses
+# 12 digits); the appliance's AP-S client accepts the same range.
+MAX_UINT = 2**32 - 1
+MAX_ROOMKEY = 2**63 - 1
+# caller/callee are "UINT" in the slides too, but they are phone numbers: the SIP From/To
+# user parts. A 32-bit bound would refuse a customer's mobile number in international
+# form (886912345678), so they get E.164's 15 digits (docs/decisions/0004).
+MAX_PHONE_NUMBER = 10**15 - 1
+MAX_LIFETIME_S = 86400  # a call longer than a day is a mistake, not a call
+MAX_CAUSE = 127  # Q.850 causes are 7 bits
+UInt = Annotated[int, msgspec.Meta(ge=0, le=MAX_UINT)]
+RoomKey = Annotated[int, msgspec.Meta(ge=0, le=MAX_ROOMKEY)]
+PhoneNumber = Annotated[int, msgspec.Meta(ge=0, le=MAX_PHONE_NUMBER)]
+Lifetime = Annotated[int, msgspec.Meta(ge=0, le=MAX_LIFETIME_S)]
+Cause = Annotated[int, msgspec.Meta(ge=0, le=MAX_CAUSE)]
+Flag = Annotated[int, msgspec.Meta(ge=0, le=1)]
+MLineIndex = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 
 # Q.850 causes used for protocol errors; the causestring names the exact problem.
 CAUSE_NORMAL = 16
@@ -52,6 +83,7 @@ class ProtocolError(Exception):
         dialogid: int | None = None,
         ref: int | None = None,
     ) -> None:
+        causestring = _clip(causestring, MAX_CAUSESTRING_BYTES)
         super().__init__(causestring)
         self.cause = cause
         self.causestring = causestring
@@ -67,7 +99,7 @@ class SessionDescription(msgspec.Struct, forbid_unknown_fields=False):
 class IceCandidate(msgspec.Struct):
     candidate: str
     sdpMid: str | UnsetType = UNSET
-    sdpMLineIndex: int | UnsetType = UNSET
+    sdpMLineIndex: MLineIndex | UnsetType = UNSET
 
 
 class _Action(msgspec.Struct, tag_field="action"):
@@ -78,31 +110,34 @@ class _Action(msgspec.Struct, tag_field="action"):
     is written.
     """
 
-    dialogid: int | UnsetType = UNSET
-    ref: int | UnsetType = UNSET
+    dialogid: UInt | UnsetType = UNSET
+    ref: UInt | UnsetType = UNSET
     direction: ClassVar[str] = "both"
 
 
 class Offer(_Action, tag="offer"):
     direction: ClassVar[str] = "to_ms"
-    medium: int = 0
+    medium: UInt = 0
     ua_family: str = ""
     ua_version: str = ""
     ua_os: str = ""
     offer: SessionDescription | UnsetType = UNSET
-    caller: int | UnsetType = UNSET
-    callee: int | UnsetType = UNSET
+    caller: PhoneNumber | UnsetType = UNSET
+    callee: PhoneNumber | UnsetType = UNSET
     suid: str | UnsetType = UNSET
     uuid: str | UnsetType = UNSET
     userdata: str | UnsetType = UNSET
-    roomkey: int | UnsetType = UNSET
-    record: int = 0
+    roomkey: RoomKey | UnsetType = UNSET
+    record: Flag = 0
     nickname: str | UnsetType = UNSET
     module: str = "User"
-    lifetime: int = 0
+    lifetime: Lifetime = 0
     audio: str | UnsetType = UNSET
     protocol: str | UnsetType = UNSET
     location_ip: str | UnsetType = UNSET
+    # The agent's credential (appliance/agent_token.py): AP-S issues it with the roomkey;
+    # with `[aps] require_agent_token` an Agent offer without a valid one is refused.
+    token: str | UnsetType = UNSET
 
 
 class Alert(_Action, tag="alert"):
@@ -119,7 +154,7 @@ class Answer(_Action, tag="answer"):
 
 class Ice(_Action, tag="ice"):
     # Normally from the MS; a browser may trickle its own candidates too.
-    channel: int = 0
+    channel: UInt = 0
     ice: IceCandidate | UnsetType = UNSET
 
 
@@ -130,8 +165,8 @@ class DTLSconnect(_Action, tag="DTLSconnect"):
 
 
 class Release(_Action, tag="release"):
-    channel: int = 0
-    cause: int = CAUSE_NORMAL
+    channel: UInt = 0
+    cause: Cause = CAUSE_NORMAL
     causestring: str = "normal release"
 
 
@@ -165,8 +200,8 @@ class PeerResolution(_Quality, tag="peer_resolution"):
 
 
 class PeerData(_Action, tag="peerdata"):
-    channel: int = 0
-    peerchannel: int = 0
+    channel: UInt = 0
+    peerchannel: UInt = 0
     type: str = "indication"
     medium: str = "audio"
     peerdata: str = ""
@@ -185,7 +220,7 @@ class Message(_Action, tag="message"):
 
 
 class DTMF(_Action, tag="DTMF"):
-    channel: int = 0
+    channel: UInt = 0
     value: str = ""
 
 
@@ -237,14 +272,37 @@ _json_encoder = msgspec.json.Encoder()
 
 
 def _as_uint(value: Any) -> int | None:
-    """The original's integer fields come as numbers or numeric strings."""
+    """dialogid/ref as the frame carries them (a number or a numeric string), to echo in a
+    refusal; None unless it is a valid UINT."""
     if isinstance(value, bool):
         return None
-    if isinstance(value, int):
-        return value if value >= 0 else None
-    if isinstance(value, str) and value.isdigit() and len(value) <= 20:
-        return int(value)
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 10:
+        value = int(value)  # isascii: "²".isdigit() is true, but int() refuses it
+    if isinstance(value, int) and 0 <= value <= MAX_UINT:
+        return value
     return None
+
+
+def _clip(text: str, limit: int) -> str:
+    """`text` cut to `limit` UTF-8 bytes, and always encodable (no lone surrogates)."""
+    raw = text.encode("utf-8", "replace")
+    if len(raw) <= limit:
+        return raw.decode()
+    return raw[: limit - 3].decode("utf-8", "ignore") + "..."
+
+
+def _too_deep(frame: dict[str, Any]) -> bool:
+    """True if any container nests deeper than MAX_DEPTH (iterative: no recursion to blow)."""
+    stack: list[tuple[Any, int]] = [(frame, 1)]
+    while stack:
+        value, depth = stack.pop()
+        children = value.values() if isinstance(value, dict) else value
+        for child in children:
+            if isinstance(child, dict | list):
+                if depth + 1 > MAX_DEPTH:
+                    return True
+                stack.append((child, depth + 1))
+    return False
 
 
 def _check_limits(frame: dict[str, Any], dialogid: int | None, ref: int | None) -> None:
@@ -275,31 +333,71 @@ def _check_limits(frame: dict[str, Any], dialogid: int | None, ref: int | None) 
 
 
 def decode(data: bytes | str) -> Action:
-    """Parse one WebSocket frame from a browser or app into its action struct."""
+    """Parse one WebSocket frame from a browser or app into its action struct.
+
+    Raises `ProtocolError` and nothing else, for any input: a frame is the sender's
+    problem, never the connection's."""
+    try:
+        return _decode(data)
+    except ProtocolError:
+        raise
+    except Exception as exc:  # the last line of defence, see the docstring
+        # Every failure we know of has its own causestring; this one means a new kind of
+        # hostile frame (the fuzz tests assert it never happens), still only a bad frame.
+        raise ProtocolError(
+            CAUSE_INVALID_MESSAGE, f"undecodable frame ({type(exc).__name__})"
+        ) from None
+
+
+def _decode(data: bytes | str) -> Action:
     if isinstance(data, str):
-        data = data.encode()
+        if len(data) > MAX_FRAME_BYTES:  # each character is at least one byte
+            raise ProtocolError(
+                CAUSE_INVALID_MESSAGE, f"frame too large (> {MAX_FRAME_BYTES} bytes)"
+            )
+        try:
+            data = data.encode()
+        except UnicodeEncodeError:
+            raise ProtocolError(CAUSE_INVALID_MESSAGE, "malformed text: lone surrogate") from None
     if len(data) > MAX_FRAME_BYTES:
         raise ProtocolError(
             CAUSE_INVALID_MESSAGE, f"frame too large ({len(data)} > {MAX_FRAME_BYTES} bytes)"
         )
     try:
         frame = _json_decoder.decode(data)
-    except msgspec.DecodeError as exc:
+    except msgspec.DecodeError as exc:  # ValidationError too: a number out of float range
         raise ProtocolError(CAUSE_INVALID_MESSAGE, f"malformed JSON: {exc}") from None
+    except UnicodeDecodeError:
+        raise ProtocolError(CAUSE_INVALID_MESSAGE, "malformed JSON: invalid UTF-8") from None
+    except RecursionError:
+        raise ProtocolError(
+            CAUSE_INVALID_MESSAGE, f"malformed JSON: nested deeper than {MAX_DEPTH}"
+        ) from None
     if not isinstance(frame, dict):
         raise ProtocolError(CAUSE_INVALID_MESSAGE, "a frame must be a JSON object")
     dialogid = _as_uint(frame.get("dialogid"))
     ref = _as_uint(frame.get("ref"))
+    if _too_deep(frame):
+        raise ProtocolError(
+            CAUSE_INVALID_MESSAGE, f"malformed JSON: nested deeper than {MAX_DEPTH}", dialogid,
+            ref,
+        )
     _check_limits(frame, dialogid, ref)
     action = frame.get("action")
     if action is None:
         raise ProtocolError(CAUSE_MANDATORY_IE_MISSING, "missing 'action'", dialogid, ref)
-    if not isinstance(action, str) or action not in INBOUND_ACTIONS:
-        what = action if isinstance(action, str) else type(action).__name__
+    if not isinstance(action, str):
+        raise ProtocolError(
+            CAUSE_INVALID_IE_CONTENTS,
+            f"'action' must be a string, not {_json_type(action)}",
+            dialogid,
+            ref,
+        )
+    if action not in INBOUND_ACTIONS:
         known = "known" if action in ACTIONS else "unknown"
         raise ProtocolError(
             CAUSE_MESSAGE_TYPE_NONEXISTENT,
-            f"{known} action '{what}' is not accepted from a client",
+            f"{known} action '{action}' is not accepted from a client",
             dialogid,
             ref,
         )
@@ -315,21 +413,30 @@ def decode(data: bytes | str) -> Action:
         msg = msgspec.convert(frame, type=Action, strict=False)
     except msgspec.ValidationError as exc:
         raise ProtocolError(
-            CAUSE_INVALID_IE_CONTENTS, f"{action}: {exc}", dialogid, ref
+            CAUSE_INVALID_IE_CONTENTS, f"{action}: {_field_problem(exc)}", dialogid, ref
         ) from None
     _check_semantics(msg)
     return msg
 
 
+_AT_FIELD = re.compile(r"^(?P<what>.*) - at `\$\.(?P<field>[^`]+)`$", re.DOTALL)
+
+
+def _field_problem(exc: msgspec.ValidationError) -> str:
+    """msgspec's "Expected `int` <= 4294967295 - at `$.dialogid`" as "'dialogid': Expected
+    `int` <= 4294967295": the field first, so a truncated causestring still names it."""
+    text = str(exc)
+    match = _AT_FIELD.match(text)
+    return f"'{match['field']}': {match['what']}" if match else text
+
+
+def _json_type(value: Any) -> str:
+    return {dict: "an object", list: "an array", bool: "a boolean", int: "a number",
+            float: "a number"}.get(type(value), type(value).__name__)
+
+
 def _check_semantics(msg: Action) -> None:
-    """Rules msgspec's types cannot say."""
-    for name in ("dialogid", "ref"):
-        value = getattr(msg, name)
-        if value is not UNSET and value < 0:
-            raise ProtocolError(
-                CAUSE_INVALID_IE_CONTENTS, f"'{name}' must be an unsigned integer", msg.dialogid,
-                msg.ref,
-            )
+    """Rules msgspec's types cannot say (the integer ranges are in the field types)."""
     if isinstance(msg, Offer):
         if msg.medium not in (0, 2):
             raise ProtocolError(

@@ -1,59 +1,312 @@
-"""The public HTTPS port: the signalling WebSocket at `/` (and, later, the two pages)."""
+"""The public HTTPS port: the signalling WebSocket at `/` and the two pages.
+
+Everything here comes from the Internet, so every connection is bounded (config
+`[signalling]`):
+- the TLS handshake (`handshake_timeout`) and the HTTP request head (`header_timeout`:
+  aiohttp's keep-alive timer, which data does not extend, closes a connection still
+  waiting for a complete request; a slowloris client is cut);
+- open connections in all and per source address (`max_connections`,
+  `max_connections_per_address`): over a cap the client gets HTTP 503 with the reason;
+- WebSocket frames at `protocol.MAX_FRAME_BYTES` (larger: close 1009) and no compression
+  (a zlib context per connection costs more than the frames it would save);
+- an idle WebSocket (no frame for `idle_timeout` and no live call) is closed 1008;
+- frames towards a client queue up to `send_queue`, then the client is cut: a client that
+  does not read must not stall the supervisor's bus loop;
+- whatever a frame makes the supervisor raise is answered with a release, logged (rate-
+  limited) and the connection goes on; whatever ends a connection frees it at once.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import time
 from pathlib import Path
+from typing import Any, cast
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from appliance import protocol as p
-from supervisor.app import Supervisor
+from appliance.config import SignallingConfig
+from supervisor.admission import LogBudget, address_key
+from supervisor.app import ClientConn, Supervisor
+from supervisor.conn_guard import ConnectionGuard
+from supervisor.heap_trim import HeapTrimmer
 
 log = logging.getLogger("appliance.front")
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "appliance" / "static"
+HEARTBEAT_S = 30.0  # server pings: the close path frees a browser that vanished
+INTERNAL_ERROR = "internal error: frame not processed"
+SLOW_READER_S = 10.0  # a client may take this long to read its queued answers
+
+
+class _LogLimiter:
+    """One LogBudget per kind of line an attacker can trigger at will."""
+
+    def __init__(self, lines: int = 10, interval: float = 10.0) -> None:
+        self._lines, self._interval = lines, interval
+        self._budgets: dict[str, LogBudget] = {}
+
+    def __call__(self, kind: str, level: int, fmt: str, *args: Any, exc: bool = False) -> None:
+        budget = self._budgets.setdefault(kind, LogBudget(self._lines, self._interval))
+        allowed, suppressed = budget.allow(time.monotonic())
+        if not allowed:
+            return
+        if suppressed:
+            fmt += " (%d similar line(s) suppressed)"
+            args = (*args, suppressed)
+        log.log(level, fmt, *args, exc_info=exc)
+
+
+_log_limited = _LogLimiter(lines=30)  # per kind, per 10 s: a busy port keeps its lines
 
 
 class _WsSink:
-    def __init__(self, ws: web.WebSocketResponse) -> None:
+    """Frames to one client, through a bounded queue and one writer task, so that the
+    supervisor never waits for a client's TCP window."""
+
+    def __init__(self, ws: web.WebSocketResponse, limit: int, conn_label: str) -> None:
         self.ws = ws
+        self._queue: asyncio.Queue[bytes] = asyncio.Queue(limit)
+        self.label = conn_label
+        self._writer = asyncio.get_running_loop().create_task(self._write())
 
     async def send_frame(self, data: bytes) -> None:
-        if self.ws.closed:
+        if self.ws.closed or self._writer.done():
             return
-        # A browser that went away is released by the close path, not here.
-        with contextlib.suppress(ConnectionError):
-            await self.ws.send_str(data.decode())
+        try:
+            self._queue.put_nowait(data)
+        except asyncio.QueueFull:
+            _log_limited("slow", logging.WARNING,
+                         "%s: client does not read its frames (%d queued): closing",
+                         self.label, self._queue.qsize())
+            self._writer.cancel()
+            await _close(self.ws, WSCloseCode.POLICY_VIOLATION, "too slow reading frames")
+
+    async def _write(self) -> None:
+        while True:
+            data = await self._queue.get()
+            try:
+                await self.ws.send_str(data.decode())
+            except (ConnectionError, RuntimeError):
+                return  # the browser went away: the close path releases its calls
+            finally:
+                self._queue.task_done()
+
+    async def backlog_drained(self) -> bool:
+        """Wait while half the queue is taken; False if the client stays too slow. The
+        connection reads the client's next frame only after this: a client that sends
+        faster than it reads its answers is held back by its own reading, and only what
+        the calls send on their own (ice, quality) can ever fill the queue."""
+        if self._queue.qsize() < max(1, self._queue.maxsize // 2):
+            return True
+        try:
+            async with asyncio.timeout(SLOW_READER_S):
+                await self._queue.join()
+        except TimeoutError:
+            return False
+        return True
+
+    def close(self) -> None:
+        self._writer.cancel()
+
+
+async def _close(ws: web.WebSocketResponse, code: int, reason: str) -> None:
+    with contextlib.suppress(Exception):  # a transport already gone has nothing to close
+        await asyncio.wait_for(ws.close(code=code, message=reason.encode()), 2.0)
+
+
+def _ids_of(data: bytes | str) -> tuple[Any, Any]:
+    """dialogid and ref of a frame that broke the supervisor, for the release."""
+    try:
+        action = p.decode(data)
+    except p.ProtocolError as err:
+        return (p.UNSET if err.dialogid is None else err.dialogid,
+                p.UNSET if err.ref is None else err.ref)
+    return action.dialogid, action.ref
+
+
+class _Connection:
+    """One signalling WebSocket: frames in, idle timer, every failure contained."""
+
+    def __init__(self, supervisor: Supervisor, sig: SignallingConfig, ws: web.WebSocketResponse,
+                 peer: str) -> None:
+        self.supervisor = supervisor
+        self.sig = sig
+        self.ws = ws
+        self.peer = peer
+
+    async def run(self) -> None:
+        sink = _WsSink(self.ws, self.sig.send_queue, "conn ?")
+        conn = self.supervisor.open_conn(sink, peer=self.peer)
+        sink.label = f"conn {conn.id}"
+        _log_limited("open", logging.INFO, "conn %d: WebSocket from %s", conn.id, self.peer)
+        reason = "closed by the client"
+        try:
+            reason = await self._serve(conn, sink)
+        except Exception:  # a bug must cost this connection at most, never the process
+            reason = "internal error"
+            _log_limited("crash", logging.ERROR, "conn %d: connection handler failed", conn.id,
+                         exc=True)
+        finally:
+            sink.close()
+            self.supervisor.close_conn(conn)
+            if not self.ws.closed:  # stops the heartbeat and frees the TLS objects now
+                await _close(self.ws, WSCloseCode.GOING_AWAY, reason)
+            _log_limited("close", logging.INFO, "conn %d: WebSocket closed (%s)", conn.id,
+                         reason)
+
+    async def _serve(self, conn: ClientConn, sink: _WsSink) -> str:
+        loop = asyncio.get_running_loop()
+        idle = self.sig.idle_timeout
+        last_activity = loop.time()
+        while True:
+            try:
+                async with asyncio.timeout_at(last_activity + idle):
+                    msg = await self.ws.receive()
+            except TimeoutError:
+                if conn.calls:  # a call lives: the client may stay silent as long as it likes
+                    last_activity = loop.time()
+                    continue
+                _log_limited("idle", logging.INFO, "conn %d: idle for %.0f s with no call: "
+                             "closing", conn.id, idle)
+                await _close(self.ws, WSCloseCode.POLICY_VIOLATION,
+                             f"idle timeout: no frame and no call for {idle:.0f} s")
+                return "idle timeout"
+            if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+                last_activity = loop.time()
+                await self._frame(conn, msg.data)
+                if not await sink.backlog_drained():
+                    _log_limited("slow", logging.WARNING, "conn %d: client does not read its "
+                                 "answers: closing", conn.id)
+                    await _close(self.ws, WSCloseCode.POLICY_VIOLATION,
+                                 "too slow reading frames")
+                    return "too slow reading frames"
+            elif msg.type == WSMsgType.ERROR:
+                # aiohttp has closed it already (1009 too big, 1007 invalid UTF-8 text...).
+                _log_limited("ws-error", logging.INFO, "conn %d: WebSocket error from %s: %s",
+                             conn.id, self.peer, self.ws.exception())
+                return f"WebSocket error: {self.ws.exception()}"
+            elif msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
+                return "closed by the client"
+
+    async def _frame(self, conn: ClientConn, data: bytes | str) -> None:
+        try:
+            await self.supervisor.handle_frame(conn, data)
+        except Exception:
+            # handle_frame answers every frame itself; this is a bug, still only one frame.
+            _log_limited("frame", logging.ERROR, "conn %d: frame not processed", conn.id,
+                         exc=True)
+            dialogid, ref = _ids_of(data)
+            release = p.Release(dialogid=dialogid, ref=ref, channel=0,
+                                cause=p.CAUSE_TEMPORARY_FAILURE, causestring=INTERNAL_ERROR)
+            await conn.sink.send_frame(p.encode(release))
 
 
 def build_app(supervisor: Supervisor) -> web.Application:
     app = web.Application()
+    sig = supervisor.config.signalling
 
     async def root(request: web.Request) -> web.StreamResponse:
-        ws = web.WebSocketResponse(heartbeat=30, max_msg_size=p.MAX_FRAME_BYTES * 2)
+        ws = web.WebSocketResponse(heartbeat=HEARTBEAT_S, max_msg_size=p.MAX_FRAME_BYTES,
+                                   compress=False)
         if not ws.can_prepare(request).ok:
             index = STATIC_DIR / "VideoCall.html"
             if index.exists():
                 raise web.HTTPFound("/VideoCall.html")
             return web.Response(text="WebRTC-to-SIP appliance: signalling at wss://<host>/\n")
         await ws.prepare(request)
-        conn = supervisor.open_conn(_WsSink(ws))
-        peer = request.remote
-        log.info("conn %d: WebSocket from %s", conn.id, peer)
-        try:
-            async for msg in ws:
-                if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
-                    await supervisor.handle_frame(conn, msg.data)
-                elif msg.type == WSMsgType.ERROR:
-                    log.info("conn %d: WebSocket error %s", conn.id, ws.exception())
-        finally:
-            supervisor.close_conn(conn)
-            log.info("conn %d: WebSocket closed", conn.id)
+        await _Connection(supervisor, sig, ws, request.remote or "").run()
         return ws
 
     app.router.add_get("/", root)
     if STATIC_DIR.is_dir():
         app.router.add_static("/", STATIC_DIR, show_index=False)
     return app
+
+
+def build_runner(supervisor: Supervisor) -> web.AppRunner:
+    """The public port's runner: aiohttp's keep-alive timer is our request-head timeout."""
+    sig = supervisor.config.signalling
+    return web.AppRunner(build_app(supervisor), access_log=None, handle_signals=False,
+                         keepalive_timeout=sig.header_timeout)
+
+
+class _Gate(asyncio.Protocol):
+    """In front of aiohttp's per-connection protocol: counts the connection against the
+    caps once TLS is up, and answers 503 itself when a cap is reached."""
+
+    def __init__(self, inner: asyncio.Protocol, guard: ConnectionGuard,
+                 trimmer: HeapTrimmer) -> None:
+        self._inner = inner
+        self._guard = guard
+        self._trimmer = trimmer
+        self._address: str | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        peer = transport.get_extra_info("peername")
+        address = address_key(str(peer[0])) if peer else "?"
+        refusal = self._guard.admit(address)
+        if refusal is not None:
+            _log_limited("cap", logging.WARNING, "refused a connection from %s: %s "
+                         "(%d open from there, %d in all)", address, refusal,
+                         self._guard.open_from(address), self._guard.open_total)
+            body = f"{refusal}\n".encode()
+            writer = cast(asyncio.WriteTransport, transport)  # uvloop's is not a subclass
+            writer.write(b"HTTP/1.1 503 Service Unavailable\r\n"
+                            b"Content-Type: text/plain; charset=utf-8\r\nRetry-After: 10\r\n"
+                            b"Connection: close\r\nContent-Length: "
+                            + str(len(body)).encode() + b"\r\n\r\n" + body)
+            writer.close()
+            return
+        self._address = address
+        self._inner.connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._address is None:
+            return
+        self._guard.closed(self._address)
+        self._address = None
+        self._inner.connection_lost(exc)
+        self._trimmer.connection_closed()
+
+    def data_received(self, data: bytes) -> None:
+        if self._address is not None:
+            self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received() if self._address is not None else None
+
+    def pause_writing(self) -> None:
+        if self._address is not None:
+            self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._address is not None:
+            self._inner.resume_writing()
+
+
+class GuardedSite(web.TCPSite):
+    """A TCPSite with a TLS handshake timeout and the connection caps."""
+
+    def __init__(self, runner: web.AppRunner, sig: SignallingConfig, **kwargs: Any) -> None:
+        super().__init__(runner, sig.listen, sig.port, **kwargs)
+        self.guard = ConnectionGuard(sig.max_connections, sig.max_connections_per_address)
+        self._handshake_timeout = sig.handshake_timeout
+        self.trimmer = HeapTrimmer()
+
+    async def start(self) -> None:
+        self._runner._reg_site(self)  # what BaseSite.start does; TCPSite.start is replaced
+        server = self._runner.server
+        assert server is not None
+        loop = asyncio.get_running_loop()
+        tls: dict[str, Any] = {}
+        if self._ssl_context is not None:
+            tls = {"ssl": self._ssl_context, "ssl_handshake_timeout": self._handshake_timeout}
+        self._server = await loop.create_server(
+            lambda: _Gate(server(), self.guard, self.trimmer), self._host, self._port,
+            backlog=self._backlog, reuse_address=self._reuse_address,
+            reuse_port=self._reuse_port, **tls,
+        )

@@ -11,22 +11,36 @@ import msgspec
 from aiohttp import web
 
 from appliance import config as cfg
+from appliance import config_secrets
+from appliance.recording.formats import create_private
 from appliance.tls import ensure_certificate, server_context
 from supervisor.app import Supervisor
-from supervisor.front import build_app
+from supervisor.front import GuardedSite, build_runner
 
 log = logging.getLogger("appliance.supervisor")
 
 
 def prepare_data_dir(config: cfg.Config) -> str:
-    """Create the data directory layout; write the effective config the workers read."""
+    """Create the data directory layout; write the effective config the workers read.
+
+    run/ (the bus socket, the effective config) and tls/ (the key) are 0700: only this
+    user may connect to the bus or read them. The effective config holds no secret
+    (appliance/config_secrets.py): the workers get those on their stdin."""
     data = config.data_path
-    for sub in ("run", "tls", "recordings"):
-        (data / sub).mkdir(parents=True, exist_ok=True)
+    data.mkdir(parents=True, exist_ok=True)
+    for sub in ("run", "tls"):
+        (data / sub).mkdir(mode=0o700, exist_ok=True)
+        os.chmod(data / sub, 0o700)  # an existing directory, or a umask that widened it
+    (data / "recordings").mkdir(mode=0o700, exist_ok=True)
     effective = data / "run" / "effective-config.json"
+    public, _ = config_secrets.split(config)
     tmp = effective.with_suffix(".tmp")
-    tmp.write_bytes(msgspec.json.encode(config))
+    tmp.unlink(missing_ok=True)  # left by a run killed mid-write
+    fd = create_private(tmp)  # 0600 from the first byte: never readable by others
+    with os.fdopen(fd, "wb") as f:
+        f.write(msgspec.json.encode(public))
     os.replace(tmp, effective)
+    os.chmod(effective, 0o600)
     sock = data / "run" / "bus.sock"
     if sock.exists():  # left by a previous run that was killed
         sock.unlink()
@@ -40,15 +54,11 @@ async def serve(config: cfg.Config, stop: asyncio.Event) -> None:
     )
     supervisor = Supervisor(config, effective)
     await supervisor.start()
-    runner = web.AppRunner(build_app(supervisor), access_log=None, handle_signals=False)
+    runner = build_runner(supervisor)  # its keep-alive timer bounds a request head's time
     await runner.setup()
-    site = web.TCPSite(
-        runner,
-        config.signalling.listen,
-        config.signalling.port,
-        ssl_context=server_context(cert, key),
-        shutdown_timeout=2,
-    )
+    # TLS handshake timeout and the connection caps of [signalling] (supervisor/front.py).
+    site = GuardedSite(runner, config.signalling, ssl_context=server_context(cert, key),
+                       shutdown_timeout=2)
     await site.start()
     admin_runner = await _start_admin(config, supervisor)
     try:
