@@ -74,6 +74,11 @@ def appliance_sections(relay: str, workdir: Path, workers: int, max_calls: int, 
         # Under load a setup can be slow; the bench reports setup times rather than have
         # the appliance give up on them at the product's default.
         "media": {"addresses": [address], "dtls_timeout": 30.0, "relay": relay},
+        # Every simulated caller shares one address and two WebSockets: the per-client
+        # shares of admission control (tests/e2e/test_admission.py) would cap the ramp.
+        "admission": {"max_setup_per_connection": 0, "max_setup_per_address": 0,
+                      "max_setup_total": 0, "max_calls_per_connection": 0,
+                      "max_calls_per_address": 0},
     }
 
 

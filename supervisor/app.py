@@ -7,30 +7,48 @@ everything a call needs beyond validation happens in the worker that owns its ch
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import msgspec
 import zmq
 import zmq.asyncio
 from msgspec import UNSET
 
-from appliance import bus
+from appliance import agent_token, bus
 from appliance import protocol as p
+from appliance.aps.token_file import TokenFileError, read_token
 from appliance.aps_client import ApsClient, ApsUnavailable
 from appliance.config import Config
+from appliance.config_secrets import encode_line, split
+from appliance.periodic import FailureLog, Periodic, call_later_safe
 from appliance.tasks import spawn
+from supervisor.admission import (
+    CAUSE_CONGESTION,
+    TOO_MANY_ROOMKEYS,
+    Admission,
+    AdmissionCounters,
+    Limits,
+    LogBudget,
+    RoomkeyGuard,
+    address_key,
+)
+from supervisor.dialogs import DialogKeeper
 from supervisor.health import HealthBook
+from supervisor.liveness import Liveness, Verdict
 from supervisor.peers import DELIVERED, UNKNOWN_ROOMKEY, Peers
 from supervisor.placement import Placement
 from supervisor.pool import WorkerPool
 from supervisor.recordings import RecordingManager
 
 log = logging.getLogger("appliance.supervisor")
+
+LIVENESS_CHECK_INTERVAL = 0.25  # s: a silent worker is seen within heartbeat_timeout + this
 
 CallKey = tuple[int, int]  # (dialogid, ref)
 
@@ -47,6 +65,13 @@ class ClientConn:
     sink: FrameSink
     calls: dict[CallKey, int] = field(default_factory=dict)  # -> channel
     closed: bool = False
+    peer: str = ""  # the client's address as the front saw it
+    address: str = ""  # what per-address limits count (admission.address_key)
+
+    @property
+    def guard_keys(self) -> tuple[str, str]:
+        """What wrong roomkeys are counted against: this connection and its address."""
+        return (f"conn {self.id}", f"address {self.address}")
 
 
 @dataclass
@@ -64,6 +89,8 @@ class CallRecord:
 class Supervisor:
     def __init__(self, config: Config, effective_config_path: str) -> None:
         self.config = config
+        # First: a start refused for want of it must leave no ZeroMQ socket to hang the exit.
+        self.agent_secret = _agent_secret(config)
         self.appliance_id = config.appliance.id
         count = config.worker_count()
         self.placement = Placement(count, config.workers.channels_per_worker)
@@ -73,10 +100,11 @@ class Supervisor:
             config.bus_endpoint(),
             config.workers.restart_delay,
             self._on_worker_exit,
+            # The effective config file holds no secret: workers get them on stdin.
+            secrets=encode_line(split(config)[1]),
         )
         # The supervisor closes AP-S call records that a dead worker can no longer close.
-        self.aps = ApsClient(config.aps.url, config.appliance.id, timeout=config.aps.timeout,
-                             attempts=config.aps.attempts)
+        self.aps = ApsClient.from_config(config)  # with its API token, if one is configured
         self.recordings = RecordingManager(config, self.aps)
         self.conns: dict[int, ClientConn] = {}
         self.calls: dict[int, CallRecord] = {}  # channel -> record
@@ -89,11 +117,33 @@ class Supervisor:
         self._receiver: asyncio.Task[None] | None = None
         self._shutdown_done: set[int] = set()
         self.health = HealthBook(self)
+        # Every worker's confirmed desk-phone dialogs, for BYE if the worker dies.
+        self.dialogs = DialogKeeper(config, self._send_worker)
         # Duplicate-login notices to and from other appliances (Flow 3).
         self.peers = Peers(config, self._deliver_duplicate_login)
-        self._health_timer: asyncio.TimerHandle | None = None
+        # Periodic jobs re-arm before they run and log their errors: /status never freezes.
+        self._health_timer = Periodic(1.0, self.health.sample, "health sampling")
+        # The bus heartbeat: who has not spoken for heartbeat_timeout is silent, then hung.
+        self.liveness = Liveness(config.admin.heartbeat_timeout, config.admin.hung_restart_after)
+        self._liveness_timer = Periodic(LIVENESS_CHECK_INTERVAL, self._check_liveness,
+                                        "worker heartbeat check")
+        self._identities = {bus.worker_identity(i): i for i in range(count)}
+        self._dispatching = False  # _receive is waiting on a dispatch, not reading the bus
         self._shutdown_event = asyncio.Event()
         self.stopping = False
+        # Admission control: each client's share of the channels and of the setups in flight.
+        adm = config.admission
+        self.admission = Admission(Limits(
+            setup_per_connection=adm.max_setup_per_connection,
+            setup_per_address=adm.max_setup_per_address, setup_total=adm.max_setup_total,
+            calls_per_connection=adm.max_calls_per_connection,
+            calls_per_address=adm.max_calls_per_address))
+        self.roomkey_guard = RoomkeyGuard(adm.wrong_roomkeys_per_minute,
+                                          adm.wrong_roomkey_cooldown)
+        self.counters = AdmissionCounters()
+        # What a client can trigger at will is logged within a budget, the rest counted.
+        self._refusal_log = LogBudget(20, 10.0)
+        self._error_log = LogBudget(5, 10.0)
 
     # -- start / stop --------------------------------------------------------------------
 
@@ -109,11 +159,35 @@ class Supervisor:
         self.recordings.pick_up_leftovers()
         self._receiver = asyncio.create_task(self._receive())
         await self.pool.start()
-        self._sample_health()
+        self._health_timer.start()
+        self._liveness_timer.start()
 
-    def _sample_health(self) -> None:
-        self.health.sample()
-        self._health_timer = asyncio.get_running_loop().call_later(1.0, self._sample_health)
+    def periodic_failures(self) -> dict[str, int]:
+        """How often each periodic job failed (shown in /status and /metrics)."""
+        return {t.errors.name: t.errors.failures
+                for t in (self._health_timer, self._liveness_timer)}
+
+    def _check_liveness(self) -> None:
+        now = asyncio.get_running_loop().time()
+        for index, verdict in self.liveness.check(now, listening=not self._dispatching):
+            self._apply_liveness(index, verdict)
+
+    def _apply_liveness(self, index: int, verdict: Verdict) -> None:
+        quiet = self.liveness.quiet_for(index)
+        if verdict is Verdict.SILENT:
+            # Not ready: no new call (nor agent leg) is placed there while it is silent.
+            self.placement.set_ready(index, False)
+            log.warning("worker %d silent for %.1f s (pid %s): it gets no new calls; "
+                        "restarted if still silent after %.0f s", index, quiet,
+                        self.pool.pid(index), self.config.admin.hung_restart_after)
+        elif verdict is Verdict.BACK:
+            if not self.stopping:
+                self.placement.set_ready(index, True)
+            log.info("worker %d speaks again: it takes calls again", index)
+        elif verdict is Verdict.HUNG and not self.stopping:
+            log.error("worker %d hung: silent for %.1f s; killing pid %s to restart it", index,
+                      quiet, self.pool.pid(index))
+            self.pool.kill(index)  # its watcher releases its calls (41) and restarts it
 
     def log_degraded(self, index: int, degraded: bool, lag_ms: float) -> None:
         if degraded:
@@ -134,14 +208,19 @@ class Supervisor:
             return
         self.stopping = True
         self.pool.stopping = True  # a worker dying now is not restarted
-        if self._health_timer is not None:
-            self._health_timer.cancel()
+        self._health_timer.stop()
+        self._liveness_timer.stop()
         log.info("shutting down: releasing %d call(s)", len(self.calls))
         shutdown = bus.Shutdown(p.CAUSE_TEMPORARY_FAILURE, "appliance shutting down")
         for index in range(len(self.placement.slots)):
             if self.placement.slots[index].ready:
                 self._send_worker(index, shutdown)
         ready = {i for i, s in enumerate(self.placement.slots) if s.ready}
+        for index in range(len(self.placement.slots)):
+            if self.liveness.is_silent(index):
+                # It would not answer Shutdown; waiting for it would only delay the stop.
+                log.warning("worker %d is silent: killing it instead of waiting", index)
+                self.pool.kill(index)
         if ready:
             try:
                 await asyncio.wait_for(self._wait_shutdown_done(ready), timeout)
@@ -156,6 +235,7 @@ class Supervisor:
         self._router.close(linger=0)
         self._ctx.term()
         self.peers.close()
+        self.dialogs.close()
         await self.aps.close()
 
     async def _wait_shutdown_done(self, expected: set[int]) -> None:
@@ -165,8 +245,8 @@ class Supervisor:
 
     # -- browser side --------------------------------------------------------------------
 
-    def open_conn(self, sink: FrameSink) -> ClientConn:
-        conn = ClientConn(next(self._conn_ids), sink)
+    def open_conn(self, sink: FrameSink, peer: str = "") -> ClientConn:
+        conn = ClientConn(next(self._conn_ids), sink, peer=peer, address=address_key(peer))
         self.conns[conn.id] = conn
         return conn
 
@@ -181,14 +261,35 @@ class Supervisor:
         for worker, channels in by_worker.items():
             self._send_worker(worker, bus.ConnectionClosed(conn.id, channels))
         conn.calls.clear()
+        self.roomkey_guard.forget(conn.guard_keys[0])  # the address's count outlives it
 
     async def handle_frame(self, conn: ClientConn, data: bytes | str) -> None:
+        """One frame from a browser. Whatever goes wrong here ends in a `release` to it,
+        never in an exception to the front: that would kill the WebSocket with a traceback
+        (and, before this guard, could leave a booked channel behind)."""
+        action: p.Action | None = None
         try:
-            action = p.decode(data)
-        except p.ProtocolError as err:
-            log.info("conn %d: refused frame: %s", conn.id, err.causestring)
-            await self._reply(conn, p.release_for(err))
-            return
+            try:
+                action = p.decode(data)
+            except p.ProtocolError as err:
+                log.info("conn %d: refused frame: %s", conn.id, err.causestring)
+                await self._reply(conn, p.release_for(err))
+                return
+            await self._handle_action(conn, action)
+        except Exception:
+            self.counters.internal_errors += 1
+            allowed, suppressed = self._error_log.allow(time.monotonic())
+            if allowed:
+                log.exception("conn %d: internal error on a %s frame (%d more not logged)",
+                              conn.id, "malformed" if action is None else _action_name(action),
+                              suppressed)
+            reply = (p.Release(cause=p.CAUSE_INVALID_MESSAGE, causestring="malformed frame")
+                     if action is None else
+                     self._release(action, 0, p.CAUSE_TEMPORARY_FAILURE, "internal error"))
+            with contextlib.suppress(Exception):  # the client may be gone; we are done
+                await self._reply(conn, reply)
+
+    async def _handle_action(self, conn: ClientConn, action: p.Action) -> None:
         assert action.dialogid is not UNSET and action.ref is not UNSET
         key = (action.dialogid, action.ref)
         if self.stopping:
@@ -212,7 +313,15 @@ class Supervisor:
         if isinstance(action, p.Release):
             # The call is over for this browser now; the channel frees when the worker says so.
             del conn.calls[key]
-        self._send_worker(record.worker, bus.ClientAction(conn.id, channel, action))
+            # Only the fact travels: the browser's cause and causestring are not the worker's
+            # business, and a value the bus cannot carry must not orphan the call.
+            action = p.Release(dialogid=action.dialogid, ref=action.ref, channel=channel)
+        data = self._encode_for_worker(bus.ClientAction(conn.id, channel, action))
+        if data is None:
+            await self._reply(conn, self._release(action, 0, p.CAUSE_INVALID_IE_CONTENTS,
+                                                  f"{_action_name(action)}: value out of range"))
+            return
+        self._send_bytes(record.worker, "ClientAction", data)
 
     async def _offer(self, conn: ClientConn, key: CallKey, offer: p.Offer) -> None:
         if key in conn.calls:
@@ -224,40 +333,115 @@ class Supervisor:
             return
         suid = None if offer.suid is UNSET else offer.suid
         if suid is not None and suid in self.live_suids:
-            await self._reply(conn, self._release(offer, 0, p.CAUSE_CALL_REJECTED, "invalid suid"))
+            await self._refuse(conn, offer, p.CAUSE_CALL_REJECTED, "invalid suid")
             return
+        room_worker: int | None = None
         if offer.module == "Agent":
-            assert offer.roomkey is not UNSET
-            worker = self.placement.room_worker(offer.roomkey)
-            if worker is None:
-                await self._reply(
-                    conn, self._release(offer, 0, p.CAUSE_CALL_REJECTED, "invalid roomkey")
-                )
+            room_worker = await self._admit_agent(conn, offer)
+            if room_worker is None:
                 return
-            if offer.roomkey in self.agent_rooms:
-                await self._reply(conn, self._release(
-                    offer, 0, p.CAUSE_CALL_REJECTED, "room already has an agent"))
-                return
-            channel = self.placement.allocate(worker)
-        else:
-            channel = self.placement.allocate()
+        refusal = self.admission.refusal(conn.id, conn.address, offer.module)
+        if refusal is not None:
+            await self._refuse(conn, offer, CAUSE_CONGESTION, refusal)
+            return
+        channel = self.placement.allocate(room_worker)
         if channel is None:
-            await self._reply(
-                conn, self._release(offer, 0, p.CAUSE_NO_CIRCUIT, "no circuit available")
-            )
+            await self._refuse(conn, offer, p.CAUSE_NO_CIRCUIT, "no circuit available")
             return
         worker = self.placement.worker_of(channel)
         assert worker is not None
         record = CallRecord(conn.id, channel, worker, key[0], key[1], suid, offer.module)
-        self.calls[channel] = record
-        conn.calls[key] = channel
-        if suid is not None:
-            self.live_suids[suid] = channel
-        if offer.module == "Agent" and offer.roomkey is not UNSET:
-            self.agent_rooms[offer.roomkey] = channel
+        self._book(conn, key, record, offer)
+        # From here to the hand-off, any failure un-books everything just booked.
+        try:
+            data = bus.encode(bus.StartCall(conn.id, channel, offer))
+        except Exception as exc:  # a value the bus cannot carry (an integer beyond 64 bits)
+            self._free(channel)
+            await self._refuse(conn, offer, p.CAUSE_INVALID_IE_CONTENTS,
+                               "offer: value out of range", detail=str(exc))
+            return
+        try:
+            sent = self._send_bytes(worker, "StartCall", data)
+        except BaseException:  # a bug: handle_frame answers it, the booking must not stay
+            self._free(channel)
+            raise
+        if not sent:
+            self._free(channel)
+            await self._refuse(conn, offer, p.CAUSE_TEMPORARY_FAILURE,
+                               "media worker unavailable")
+            return
         log.info("conn %d: %s offer %d/%d placed on channel %d (worker %d)", conn.id,
                  offer.module, key[0], key[1], channel, worker)
-        self._send_worker(worker, bus.StartCall(conn.id, channel, offer))
+
+    def _book(self, conn: ClientConn, key: CallKey, record: CallRecord, offer: p.Offer) -> None:
+        """Everything a placed call holds; `_free` gives all of it back."""
+        channel = record.channel
+        self.calls[channel] = record
+        conn.calls[key] = channel
+        if record.suid is not None:
+            self.live_suids[record.suid] = channel
+        if offer.module == "Agent" and offer.roomkey is not UNSET:
+            self.agent_rooms[offer.roomkey] = channel
+        self.admission.booked(channel, conn.id, conn.address, offer.module)
+
+    async def _admit_agent(self, conn: ClientConn, offer: p.Offer) -> int | None:
+        """The worker holding the offer's room, or None once the offer is refused.
+
+        The roomkey is the agent leg's only credential unless tokens are on, so wrong
+        roomkeys are throttled per connection and address, and while a client is in the
+        cool-down its agent offers are refused before any roomkey is looked at."""
+        assert offer.roomkey is not UNSET
+        now = time.monotonic()
+        if self.roomkey_guard.blocked(conn.guard_keys, now):
+            # Counted, not logged: the line that started the cool-down said it all.
+            await self._refuse(conn, offer, p.CAUSE_CALL_REJECTED, TOO_MANY_ROOMKEYS,
+                               level=logging.DEBUG)
+            return None
+        token = "" if offer.token is UNSET else offer.token
+        if self.agent_secret is not None and (token or self.config.aps.require_agent_token):
+            try:
+                agent_token.check(self.agent_secret, offer.roomkey, token, time.time())
+            except agent_token.TokenRefused as exc:
+                self.counters.tokens_refused += 1
+                await self._wrong_roomkey(conn, offer, str(exc), now)
+                return None
+        worker = self.placement.room_worker(offer.roomkey)
+        if worker is None:
+            self.counters.wrong_roomkeys += 1
+            await self._wrong_roomkey(conn, offer, "invalid roomkey", now)
+            return None
+        if offer.roomkey in self.agent_rooms:
+            await self._refuse(conn, offer, p.CAUSE_CALL_REJECTED, "room already has an agent")
+            return None
+        return worker
+
+    async def _wrong_roomkey(self, conn: ClientConn, offer: p.Offer, why: str,
+                             now: float) -> None:
+        blocked = self.roomkey_guard.wrong(conn.guard_keys, now)
+        if blocked:
+            self.counters.roomkey_blocks += 1
+        detail = f"roomkey {offer.roomkey}" + (
+            f"; agent offers from conn {conn.id} and {conn.address or '?'} refused for "
+            f"{self.roomkey_guard.cooldown:.0f} s" if blocked else "")
+        await self._refuse(conn, offer, p.CAUSE_CALL_REJECTED,
+                           TOO_MANY_ROOMKEYS if blocked else why, detail=detail,
+                           level=logging.WARNING)
+
+    async def _refuse(self, conn: ClientConn, offer: p.Offer, cause: int, causestring: str,
+                      detail: str = "", level: int = logging.INFO) -> None:
+        """Answer an offer with a release (channel 0), count it, and log it within budget:
+        every refusal here is something a client can provoke as fast as it can send."""
+        self.counters.refused[causestring] += 1
+        if not log.isEnabledFor(level):
+            allowed = False
+        else:
+            allowed, suppressed = self._refusal_log.allow(time.monotonic())
+        if allowed:
+            log.log(level, "conn %d from %s: %s offer %d/%d refused: %d %s%s%s", conn.id,
+                    conn.peer or "?", offer.module, offer.dialogid, offer.ref, cause,
+                    causestring, f" ({detail})" if detail else "",
+                    f" [{suppressed} refusals since not logged]" if suppressed else "")
+        await self._reply(conn, self._release(offer, 0, cause, causestring))
 
     @staticmethod
     def _release(action: p.Action, channel: int, cause: int, causestring: str) -> p.Release:
@@ -268,27 +452,86 @@ class Supervisor:
         if not conn.closed:
             await conn.sink.send_frame(p.encode(action))
 
+    def admission_status(self) -> dict[str, Any]:
+        """What /status and /metrics show of admission control."""
+        c = self.counters
+        return {"calls_in_setup": self.admission.in_setup,
+                "offers_refused": dict(c.refused), "wrong_roomkeys": c.wrong_roomkeys,
+                "agent_tokens_refused": c.tokens_refused, "roomkey_blocks": c.roomkey_blocks,
+                "roomkey_suspects": len(self.roomkey_guard),
+                "frame_errors": c.internal_errors,
+                "agent_token_required": self.config.aps.require_agent_token}
+
     # -- worker side ---------------------------------------------------------------------
 
-    def _send_worker(self, index: int, msg: bus._Msg) -> None:
+    def _send_worker(self, index: int, msg: bus._Msg) -> bool:
+        """Whether `msg` went out; never raises (callers hold bookkeeping to keep straight)."""
+        data = self._encode_for_worker(msg)
+        return data is not None and self._send_bytes(index, type(msg).__name__, data)
+
+    def _encode_for_worker(self, msg: bus._Msg) -> bytes | None:
         try:
-            self._router.send_multipart([bus.worker_identity(index), bus.encode(msg)])
-        except zmq.ZMQError as exc:
+            return bus.encode(msg)
+        except Exception as exc:  # OverflowError & co.: a browser's value the bus cannot carry
+            allowed, suppressed = self._error_log.allow(time.monotonic())
+            if allowed:
+                log.warning("%s not encodable for the bus: %s (%d more not logged)",
+                            type(msg).__name__, exc, suppressed)
+            return None
+
+    def _send_bytes(self, index: int, what: str, data: bytes) -> bool:
+        try:
+            # zmq.asyncio does not raise here: the error (EHOSTUNREACH under ROUTER_MANDATORY)
+            # is set on the returned future, at once for a send that cannot be queued.
+            sent = self._router.send_multipart([bus.worker_identity(index), data])
+            exc = sent.exception() if sent.done() else None
+        except zmq.ZMQError as error:
+            exc = error
+        if exc is not None:
             # ROUTER_MANDATORY: the worker is gone (restarting); its calls get released.
-            log.warning("worker %d unreachable for %s: %s", index, type(msg).__name__, exc)
+            log.warning("worker %d unreachable for %s: %s", index, what, exc)
+            return False
+        sent.add_done_callback(_retrieve_send_error)
+        return True
 
     async def _receive(self) -> None:
+        errors = FailureLog("bus receive", log_interval=10.0, logger=log)
+        loop = asyncio.get_running_loop()
         while True:
-            identity, data = await self._router.recv_multipart()
+            try:
+                frames = await self._router.recv_multipart()
+            except zmq.ZMQError as exc:
+                if self._router.closed:
+                    return
+                # One error must not leave the supervisor deaf (and every worker "silent").
+                errors.failed(exc, loop.time())
+                await asyncio.sleep(0.1)
+                continue
+            if len(frames) != 2:
+                errors.failed(ValueError(f"bus message of {len(frames)} frames"), loop.time())
+                continue
+            identity, data = frames
+            index = self._identities.get(identity)
+            if index is not None:
+                self._heard(index)
             try:
                 msg = bus.decode_to_supervisor(data)
             except msgspec.DecodeError:
                 log.error("undecodable bus message from %r", identity)
                 continue
+            # While a dispatch waits (a browser slow to take a frame), the bus is not being
+            # read: the heartbeat check must not count that against the workers.
+            self._dispatching = True
             try:
                 await self._dispatch(msg)
             except Exception:
                 log.exception("error handling %s from %r", type(msg).__name__, identity)
+            finally:
+                self._dispatching = False
+
+    def _heard(self, index: int) -> None:
+        if self.liveness.heard(index) is Verdict.BACK:
+            self._apply_liveness(index, Verdict.BACK)
 
     async def _dispatch(self, msg: bus.ToSupervisor) -> None:
         if isinstance(msg, bus.ToClient):
@@ -303,6 +546,8 @@ class Supervisor:
             spawn(self.peers.notify(msg.ms, msg.roomkey, msg.message), "notify-peer")
         elif isinstance(msg, bus.ChannelFreed):
             self._free(msg.channel)
+        elif isinstance(msg, bus.CallConnected):
+            self.admission.connected(msg.channel)  # its setup is over
         elif isinstance(msg, bus.RoomOpened):
             if msg.channel in self.calls:
                 self.placement.open_room(msg.roomkey, msg.channel)
@@ -314,6 +559,12 @@ class Supervisor:
                 return
             self.placement.set_ready(msg.index, True)
             self.worker_ready[msg.index].set()
+            self.liveness.started(msg.index)
+            self.dialogs.worker_hello(msg.index)  # its dead predecessor's dialogs: BYE
+        elif isinstance(msg, bus.DialogUp):
+            self.dialogs.up(msg)
+        elif isinstance(msg, bus.DialogDown):
+            self.dialogs.down(msg)
         elif isinstance(msg, bus.RecordingEnded):
             self.recordings.submit(Path(msg.job_path))
         elif isinstance(msg, bus.WorkerStats):
@@ -339,6 +590,7 @@ class Supervisor:
     def _free(self, channel: int) -> None:
         record = self.calls.pop(channel, None)
         self.placement.release(channel)
+        self.admission.freed(channel)
         if record is None:
             return
         if record.suid is not None and self.live_suids.get(record.suid) == channel:
@@ -353,6 +605,8 @@ class Supervisor:
         """A worker died: release its calls (nobody else's) and free its channels."""
         self.placement.set_ready(index, False)
         self.worker_ready[index] = asyncio.Event()
+        self.liveness.forget(index)  # its successor is judged once it says Hello
+        self.dialogs.worker_died(index)  # its desk-phone dialogs get BYE (supervisor/dialogs.py)
         records = [r for r in self.calls.values() if r.worker == index]
         rooms = {c: k for k, c in self.placement.rooms.items()}
         for record in records:
@@ -364,7 +618,7 @@ class Supervisor:
         for channel in self.placement.busy_channels(index):
             self.placement.release(channel)
         # Its recordings stopped mid-call: the captures are unlocked now; finish them.
-        asyncio.get_running_loop().call_later(0.5, self.recordings.pick_up_leftovers)
+        call_later_safe(0.5, self.recordings.pick_up_leftovers, "recording leftovers pickup")
 
     async def _report_released(self, roomkey: int, cause: int, causestring: str) -> None:
         try:
@@ -386,5 +640,24 @@ class Supervisor:
         )
 
 
+def _retrieve_send_error(sent: asyncio.Future[Any]) -> None:
+    """A bus send that failed later (the socket closed under it): logged, not left for the
+    garbage collector's "Future exception was never retrieved"."""
+    if not sent.cancelled() and sent.exception() is not None:
+        log.warning("bus send failed: %s", sent.exception())
+
+
 def _action_name(action: p.Action) -> str:
     return type(action).__struct_config__.tag  # type: ignore[return-value]
+
+
+def _agent_secret(config: Config) -> bytes | None:
+    """The secret agent tokens are checked with (the same file AP-S signs them with)."""
+    path = config.aps.agent_token_secret_file
+    if not path:
+        return None
+    try:
+        return read_token(Path(path)).encode()
+    except TokenFileError as exc:
+        # Refuse to start: running unlocked when the operator asked for a lock is worse.
+        raise SystemExit(f"appliance: aps.agent_token_secret_file: {exc}") from None

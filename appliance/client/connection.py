@@ -219,12 +219,15 @@ class MediaServerClient:
         audio_track: MediaStreamTrack | None = None,
         dialogid: int | None = None,
         ref: int | None = None,
+        token: str | None = None,
     ) -> Call:
-        """The agent's video leg (AgentVideo.html?roomkey=...): module Agent with the roomkey."""
+        """The agent's video leg (AgentVideo.html?roomkey=...&token=...): module Agent with
+        the roomkey, and the agent token AP-S issued when the appliance requires one."""
         offer = protocol.Offer(
             module="Agent",
             roomkey=roomkey,
             nickname=UNSET if nickname is None else nickname,
+            token=UNSET if token is None else token,
         )
         call = await self._start_call(offer, medium, dialogid, ref, audio_track, video_track)
         call.roomkey = roomkey
