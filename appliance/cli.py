@@ -8,9 +8,13 @@ import logging
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from appliance import config as cfg
 from appliance import logsafe
+
+if TYPE_CHECKING:
+    from appliance.aps.server import AgentLinks
 
 log = logging.getLogger("appliance")
 
@@ -40,10 +44,10 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 
 def cmd_aps(args: argparse.Namespace) -> None:
-    from appliance.aps.server import run_forever
+    from appliance.aps.server import run_forever, security_options
 
     _setup_logging("INFO")
-    run_forever(args.host, args.port, args.db)
+    run_forever(args.host, args.port, args.db, **security_options(args))
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -58,30 +62,37 @@ def cmd_demo(args: argparse.Namespace) -> None:
     _setup_logging(config.appliance.log_level)
     aps_host, _, aps_port = config.aps.url.removeprefix("http://").partition(":")
     aps_db = config.data_path / "aps" / "aps.sqlite3"
+    host = config.signalling.listen
+    shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    api_token, agent = _demo_aps_security(
+        config, f"https://{shown}:{config.signalling.port}/AgentVideo.html")
+
+    def print_agent_link(roomkey: int, url: str) -> None:
+        print(f"  agent page for call {roomkey}: {url}", flush=True)
 
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        aps = await serve_aps(aps_host or "127.0.0.1", int(aps_port.rstrip("/") or 8480), aps_db)
+        aps = await serve_aps(aps_host or "127.0.0.1", int(aps_port.rstrip("/") or 8480), aps_db,
+                              api_token=api_token, agent=agent, on_verified=print_agent_link)
         # The agent's desk phone, simulated: rings 2 s, answers, echoes the caller's voice.
         phone_host, _, phone_port = config.sip.proxy.rpartition(":")
         phone = await DeskPhone.start((phone_host, int(phone_port)), ring_seconds=2.0,
                                       mode="answer", rtp_address=phone_host)
-        host = config.signalling.listen
-        shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
         print(
             "\nDemo running:\n"
             f"  signalling (WebSocket) : wss://{shown}:{config.signalling.port}/\n"
-            f"  reference AP-S         : {config.aps.url}  (call records: {config.aps.url}/cdr)\n"
+            f"  reference AP-S         : {config.aps.url}  (call records: {config.aps.url}/cdr"
+            f" with Authorization: Bearer $(cat {config.aps.api_token_file}))\n"
             f"  data directory         : {config.data_path}\n"
             f"  desk phone (simulated) : sip:9333@{config.sip.proxy} rings 2 s, answers and\n"
             "                           echoes your voice back\n"
             f"  customer page          : https://{shown}:{config.signalling.port}/VideoCall.html"
             "?caller=5678&callee=9333&userdata=%7B%22id%22%3A%22A123456789%22%7D\n"
             f"  agent page             : https://{shown}:{config.signalling.port}/AgentVideo.html"
-            "?roomkey=<roomkey from the call record>\n"
+            "?roomkey=... (printed below for each call)\n"
             f"  operator status        : appliance status --config {args.config or ''}"
             f" (metrics: http://{config.admin.listen}:{config.admin.port}/metrics)\n"
             "Stop with Ctrl-C.\n",
@@ -94,6 +105,23 @@ def cmd_demo(args: argparse.Namespace) -> None:
             await aps.cleanup()
 
     uvloop.run(main())
+
+
+def _demo_aps_security(config: cfg.Config, agent_page: str) -> tuple[str, AgentLinks]:
+    """The demo's AP-S API token (the appliance reads the same file) and agent links."""
+    from appliance.aps.server import AgentLinks
+    from appliance.aps.token_file import TokenFileError, load_or_create_token
+    from appliance.aps_client import api_token_path
+
+    token_path = api_token_path(config) or config.data_path / "aps" / "api-token"
+    config.aps.api_token_file = str(token_path)
+    secret_file = config.aps.agent_token_secret_file
+    try:
+        api_token = load_or_create_token(token_path)
+        secret = load_or_create_token(Path(secret_file)).encode() if secret_file else None
+    except TokenFileError as exc:
+        sys.exit(f"appliance: {exc}")
+    return api_token, AgentLinks(page_url=agent_page, secret=secret)
 
 
 def cmd_status(args: argparse.Namespace) -> None:
@@ -122,7 +150,8 @@ def render_status(status: dict) -> str:  # type: ignore[type-arg]
               f"{'restarts':>8} {'pkts in/out':>17} {'decoders':>8}")
     lines += ["", header, "-" * len(header)]
     for w in status["workers"]:
-        state = "degraded" if w["degraded"] else ("up" if w["ready"] else "down")
+        state = "silent" if w.get("silent") else (
+            "degraded" if w["degraded"] else ("up" if w["ready"] else "down"))
         lines.append(
             f"{w['index']:>6} {w['pid'] or '-':>7} {w['core']:>4} {state:>9} "
             f"{w['channels_busy']:>4}/{w['channels_total']:<4} {w['cpu_cores']:>6.2f} "
@@ -166,6 +195,9 @@ def main(argv: list[str] | None = None) -> None:
     aps.add_argument("--host", default="127.0.0.1")
     aps.add_argument("--port", type=int, default=8480)
     aps.add_argument("--db", default=str(Path("data") / "aps" / "aps.sqlite3"))
+    from appliance.aps.server import add_security_arguments
+
+    add_security_arguments(aps)  # API token file, agent-token secret, TTL, agent page URL
     aps.set_defaults(func=cmd_aps)
 
     demo = sub.add_parser("demo", help="appliance + reference AP-S on this machine")

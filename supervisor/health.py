@@ -51,11 +51,24 @@ class WorkerHealth:
         self._cpu_last = (used, now)
 
 
+# Counters of hostile input a worker refused (bus.WorkerStats), with their /metrics help.
+_REFUSAL_KEYS = {
+    "sip_refused_source": "SIP datagrams refused: source not the dialog's peer or allowed.",
+    "sip_parse_errors": "SIP datagrams that did not parse.",
+    "sip_replies_limited": "SIP answers to refused or bad datagrams held back by the limit.",
+    "rtp_refused_source": "Phone-side RTP/RTCP not from the address the SDP negotiated.",
+    "media_oversized": "Media datagrams dropped as empty or larger than 1500 bytes.",
+    "media_unprotect_failed": "SRTP/SRTCP packets that failed authentication or replay check.",
+    "media_malformed": "Media packets a handler could not use (dropped, counted).",
+}
+
+
 class HealthBook:
     def __init__(self, supervisor: Supervisor) -> None:
         self.supervisor = supervisor
         self.workers = {i: WorkerHealth(i) for i in range(len(supervisor.placement.slots))}
         self.per_core: list[float] = []
+        self.sampled_at = 0.0
         psutil.cpu_percent(percpu=True)  # prime: the first call has no interval
 
     def record(self, stats: bus.WorkerStats) -> None:
@@ -80,10 +93,13 @@ class HealthBook:
                 self.supervisor.log_degraded(health.index, False, stats.loop_lag_p99_ms)
 
     def sample(self) -> None:
+        """Called every second by a `Periodic`: an error here (psutil's EMFILE) is logged
+        there and the next second samples again."""
         now = time.monotonic()
         self.per_core = psutil.cpu_percent(percpu=True)
         for index, health in self.workers.items():
             health.sample_process(self.supervisor.pool.pid(index), now)
+        self.sampled_at = round(now, 3)
 
     # -- views ---------------------------------------------------------------------------
 
@@ -99,6 +115,9 @@ class HealthBook:
                 "core": sup.pool.workers[index].core,
                 "ready": slot.ready,
                 "degraded": slot.degraded,
+                # Not heard on the bus for admin.heartbeat_timeout: no new calls there.
+                "silent": sup.liveness.is_silent(index),
+                "quiet_s": round(sup.liveness.quiet_for(index), 2),
                 "restarts": sup.pool.workers[index].restarts,
                 "channels_total": len(slot.channels),
                 "channels_busy": len(slot.channels) - len(slot.free),
@@ -111,6 +130,8 @@ class HealthBook:
                 "packets_received": stats.packets_received if stats else 0,
                 "packets_sent": stats.packets_sent if stats else 0,
                 "decoders_created": stats.decoders_created if stats else 0,
+                # What the worker refused from the network (issue 10), since it started.
+                **{key: getattr(stats, key) if stats else 0 for key in _REFUSAL_KEYS},
             })
         calls = [
             {"channel": r.channel, "worker": r.worker, "dialogid": r.dialogid, "ref": r.ref,
@@ -120,12 +141,16 @@ class HealthBook:
         peers = sup.peers.stats
         return {"appliance": sup.appliance_id, "cores_percent": self.per_core,
                 "workers": workers, "calls": calls,
+                "sampled_at": self.sampled_at,  # monotonic s of the last health sample
+                "periodic_failures": sup.periodic_failures(),
                 # Duplicate-login notices between appliances (supervisor/peers.py).
                 "peers_listening": sup.peers.listening,
                 "peers_notices_sent": peers.sent,
                 "peers_notice_failures": peers.failures,
                 "peers_notices_received": peers.received,
-                "peers_keys_refused": peers.keys_refused}
+                "peers_keys_refused": peers.keys_refused,
+                # Offers refused by admission control, wrong roomkeys (supervisor/admission.py).
+                "admission": sup.admission_status()}
 
     def prometheus(self) -> str:
         status = self.status()
@@ -146,6 +171,8 @@ class HealthBook:
              "ready"),
             ("worker_degraded", "gauge", "1 while the worker gets no new calls (loop lag).",
              "degraded"),
+            ("worker_silent", "gauge", "1 while the worker is not heard on the bus (no new "
+             "calls; restarted after admin.hung_restart_after).", "silent"),
             ("worker_restarts_total", "counter", "Times the worker was restarted.",
              "restarts"),
             ("worker_channels", "gauge", "Channels this worker owns.",
@@ -171,6 +198,8 @@ class HealthBook:
             ("worker_decoders_created_total", "counter",
              "Media decoders created (the relay never decodes: should stay 0).",
              "decoders_created"),
+            *((f"worker_{key}_total", "counter", help_text, key)
+              for key, help_text in _REFUSAL_KEYS.items()),
         ]
         for name, kind, help_text, key in per_worker:
             metric(name, kind, help_text,
@@ -178,6 +207,9 @@ class HealthBook:
                      if isinstance(w[key], bool) else w[key]) for w in status["workers"]])
         metric("calls", "gauge", "Live calls and legs on the appliance.",
                [({}, len(status["calls"]))])
+        metric("periodic_failures_total", "counter", "Errors of the supervisor's periodic "
+               "jobs (each logged at most once a minute; the job keeps running).",
+               [({"job": name}, n) for name, n in status["periodic_failures"].items()])
         for name, help_text in (
             ("notices_sent", "Duplicate-login notices a peer appliance acknowledged."),
             ("notice_failures", "Duplicate-login notices that did not reach their peer "
@@ -187,4 +219,18 @@ class HealthBook:
         ):
             metric(f"peers_{name}_total", "counter", help_text,
                    [({}, status[f"peers_{name}"])])
+        adm = status["admission"]
+        metric("calls_in_setup", "gauge", "Calls booked whose DTLS is not up yet.",
+               [({}, adm["calls_in_setup"])])
+        metric("offers_refused_total", "counter", "Offers refused before placement, by "
+               "causestring (admission limits, roomkeys, tokens, no circuit).",
+               [({"reason": r}, n) for r, n in sorted(adm["offers_refused"].items())])
+        for name, help_text in (
+            ("wrong_roomkeys", "Agent offers whose roomkey is not a live room."),
+            ("agent_tokens_refused", "Agent offers whose token was missing or invalid."),
+            ("roomkey_blocks", "Times a connection or address was put in the roomkey "
+                               "cool-down."),
+            ("frame_errors", "Browser frames that hit an internal error (logged)."),
+        ):
+            metric(f"{name}_total", "counter", help_text, [({}, adm[name])])
         return "\n".join(lines) + "\n"

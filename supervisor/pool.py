@@ -32,6 +32,7 @@ class WorkerPool:
         bus_endpoint: str,
         restart_delay: float,
         on_exit: Callable[[int, int | None], None],
+        secrets: bytes = b"",
     ) -> None:
         cores = sorted(os.sched_getaffinity(0))
         self.workers = [WorkerProcess(i, cores[i % len(cores)]) for i in range(count)]
@@ -39,6 +40,9 @@ class WorkerPool:
         self.bus_endpoint = bus_endpoint
         self.restart_delay = restart_delay
         self.on_exit = on_exit
+        # The config's secrets, one JSON line each worker reads on its stdin at spawn: they
+        # never touch a file (appliance/config_secrets.py).
+        self.secrets = secrets
         self.stopping = False
 
     async def start(self) -> None:
@@ -57,11 +61,13 @@ class WorkerPool:
             self.config_path,
             "--bus",
             self.bus_endpoint,
+            stdin=asyncio.subprocess.PIPE,
             # Its own session: a Ctrl-C on the operator's terminal reaches the supervisor
             # only, which then releases calls and stops the workers in order.
             start_new_session=True,
         )
         worker.started_at = loop.time()
+        await self._hand_secrets(worker.process)
         try:
             # One worker per core: the media plane's capacity is measured per core.
             os.sched_setaffinity(worker.process.pid, {worker.core})
@@ -71,6 +77,18 @@ class WorkerPool:
                  worker.core)
         worker.watcher = asyncio.create_task(self._watch(worker))
 
+    async def _hand_secrets(self, process: asyncio.subprocess.Process) -> None:
+        stdin = process.stdin
+        assert stdin is not None
+        try:
+            stdin.write(self.secrets or b"{}\n")
+            await stdin.drain()
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            # It died at once; _watch sees the exit and restarts it.
+            log.warning("worker pid %d did not take its secrets: %s", process.pid, exc)
+        finally:
+            stdin.close()
+
     async def _watch(self, worker: WorkerProcess) -> None:
         process = worker.process
         assert process is not None
@@ -79,11 +97,30 @@ class WorkerPool:
             return
         log.error("worker %d (pid %d) died with exit code %s; restarting it", worker.index,
                   process.pid, code)
-        self.on_exit(worker.index, code)
+        try:
+            self.on_exit(worker.index, code)
+        except Exception:  # the restart below must happen whatever it did
+            log.exception("releasing the calls of worker %d failed", worker.index)
         await asyncio.sleep(self.restart_delay)
-        if not self.stopping:
-            worker.restarts += 1
-            await self._spawn(worker)
+        delay = self.restart_delay
+        while not self.stopping:
+            try:
+                await self._spawn(worker)
+                worker.restarts += 1
+                return
+            except OSError as exc:
+                # EMFILE, EAGAIN (no process slots)...: keep trying, more slowly, rather
+                # than leave the worker's channels dead until the next restart of the box.
+                delay = min(5.0, max(0.2, delay * 2))
+                log.error("cannot restart worker %d: %s; retrying in %.1f s", worker.index,
+                          exc, delay)
+                await asyncio.sleep(delay)
+
+    def kill(self, index: int) -> None:
+        """SIGKILL (works on a stopped process too); _watch then restarts it."""
+        process = self.workers[index].process
+        if process is not None and process.returncode is None:
+            process.kill()
 
     def pid(self, index: int) -> int | None:
         process = self.workers[index].process

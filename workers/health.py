@@ -26,9 +26,11 @@ class LoopLagProbe:
     def _tick(self) -> None:
         loop = asyncio.get_running_loop()
         now = loop.time()
-        self.samples.append(max(0.0, now - self._due) * 1000)
+        late = now - self._due
+        # Re-arm before anything else: the probe must never stop over its own error.
         self._due = now + PROBE_INTERVAL
         self._handle = loop.call_at(self._due, self._tick)
+        self.samples.append(max(0.0, late) * 1000)
 
     def stop(self) -> None:
         if self._handle is not None:

@@ -11,6 +11,7 @@ import ctypes
 import logging
 import os
 import signal
+import sys
 import time
 from collections import deque
 
@@ -18,13 +19,17 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from appliance import bus
-from appliance import logsafe
+from appliance import bus, config_secrets, logsafe
 from appliance import protocol as p
 from appliance.aps_client import ApsClient, ApsUnavailable
 from appliance.config import Config
+from appliance.media.datagrams import DROPS
+from appliance.periodic import FailureLog, Periodic
 from appliance.rtc_adapter import DECODERS, CandidatePolicy
+from appliance.sip.auth import Credentials
 from appliance.sip.endpoint import SipEndpoint
+from appliance.sip.orphan import DialogClosed
+from appliance.sip.snapshot import DialogSnapshot
 from appliance.tasks import spawn
 from workers.agent_call import AgentCall
 from workers.health import LoopLagProbe
@@ -35,6 +40,9 @@ from workers.user_call import UserCall
 log = logging.getLogger("appliance.worker")
 
 _PR_SET_PDEATHSIG = 1
+# Seconds between WorkerStats, which are also the heartbeat: twice a second, so a worker
+# whose loop runs late by up to 1.5 s is not taken for silent at heartbeat_timeout = 2.
+STATS_INTERVAL = 0.5
 
 
 def _die_with_parent() -> None:
@@ -44,6 +52,13 @@ def _die_with_parent() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     except OSError:
         log.warning("cannot ask the kernel to end this worker with its supervisor")
+
+
+def _release_stdin() -> None:
+    """Point fd 0 at /dev/null: the pipe is done, and no child should inherit it."""
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
 
 
 class Worker:
@@ -56,12 +71,7 @@ class Worker:
         self.candidate_policy = CandidatePolicy.from_strings(
             config.media.addresses, config.media.port_min, config.media.port_max
         )
-        self.aps = ApsClient(
-            config.aps.url,
-            config.appliance.id,
-            timeout=config.aps.timeout,
-            attempts=config.aps.attempts,
-        )
+        self.aps = ApsClient.from_config(config)  # with its API token, if one is configured
         self.metrics_setup_ms: deque[float] = deque(maxlen=1000)
         self.sip_endpoint: SipEndpoint | None = None
         self.lag = LoopLagProbe()
@@ -70,16 +80,34 @@ class Worker:
         # Relayed packets of legs already gone (live legs are added at report time).
         self._packets_received_closed = 0
         self._packets_sent_closed = 0
-        self._stats_timer: asyncio.TimerHandle | None = None
+        # Stats twice a second: also the heartbeat the supervisor judges this worker alive by.
+        self._stats = Periodic(STATS_INTERVAL, self._report_stats, "worker stats report")
         self._ctx = zmq.asyncio.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._stopping = asyncio.Event()
+        self._shutdown_task: asyncio.Task[None] | None = None
+        self._bus_closed = False
+        self._send_errors = FailureLog("bus send", log_interval=10.0, logger=log)
+        self._parent = os.getppid()
 
     # -- bus -----------------------------------------------------------------------------
 
     def send(self, msg: bus._Msg) -> None:
         # DEALER sends never block at this volume; ordering per peer is preserved.
-        self._sock.send(bus.encode(msg))
+        if self._bus_closed:
+            return  # stopping: nobody reads these any more
+        try:
+            sent = self._sock.send(bus.encode(msg))
+        except zmq.ZMQError as exc:
+            self._send_errors.failed(exc, time.monotonic())
+            return
+        # zmq.asyncio returns a future; a failure on it must be seen, not left "never
+        # retrieved" for the garbage collector to complain about.
+        sent.add_done_callback(self._sent)
+
+    def _sent(self, future: asyncio.Future[object]) -> None:
+        if not future.cancelled() and future.exception() is not None:
+            self._send_errors.failed(future.exception(), time.monotonic())  # type: ignore[arg-type]
 
     async def run(self) -> None:
         self._sock.setsockopt(zmq.IDENTITY, bus.worker_identity(self.index))
@@ -94,14 +122,21 @@ class Worker:
         DECODERS.install()
         self.lag.start()
         self.send(bus.Hello(self.index, os.getpid()))
-        self._report_stats()
+        self._stats.start()
         log.info("worker %d ready (pid %d)", self.index, os.getpid())
         receiver = asyncio.create_task(self._receive())
         await self._stopping.wait()
         receiver.cancel()
         await self.aps.close()
-        self._sock.close(linger=2000)
+        self._bus_closed = True
+        # Let the last releases and ShutdownDone reach a live supervisor; a dead one reads
+        # nothing, and waiting for it would only delay the exit.
+        self._sock.close(linger=0 if self._orphaned() else 2000)
         self._ctx.term()
+
+    def _orphaned(self) -> bool:
+        """Whether the supervisor that started us is gone (we were re-parented)."""
+        return os.getppid() != self._parent
 
     async def _open_sip(self) -> None:
         sip = self.config.sip
@@ -109,17 +144,54 @@ class Worker:
         local = (sip.listen, sip.base_port + self.index)
         try:
             self.sip_endpoint = await SipEndpoint.create(
-                local, (host, int(port)), user_agent=sip.user_agent
+                local, (host, int(port)), user_agent=sip.user_agent,
+                allowed_sources=sip.allowed_sources, strict_source_port=sip.strict_source_port,
             )
         except OSError as exc:
             # Calls will be refused with a clear cause; the worker itself stays up.
             log.error("worker %d: cannot listen for SIP on %s:%d: %s", self.index, *local, exc)
             return
         log.info("worker %d: SIP on %s:%d, proxy %s", self.index, *local, sip.proxy)
+        # The supervisor keeps a copy of every confirmed dialog, to BYE it if we die.
+        self.sip_endpoint.on_dialog = self._dialog_changed
+
+    def _dialog_changed(self, call_id: str, snapshot: DialogSnapshot | None) -> None:
+        if snapshot is None:
+            self.send(bus.DialogDown(self.index, call_id))
+        else:
+            self.send(bus.DialogUp(self.index, snapshot))
+
+    def _bye_dialogs(self, msg: bus.ByeDialogs) -> None:
+        """A dead predecessor's dialogs: BYE each from our (the same) SIP port."""
+        if self.sip_endpoint is None:
+            log.error("worker %d: no SIP port: %d dialog(s) of the dead worker get no BYE",
+                      self.index, len(msg.dialogs))
+            return
+        sip = self.config.sip
+        credentials = Credentials(sip.username, sip.password) if sip.username else None
+        count = self.sip_endpoint.close_dialogs(
+            msg.dialogs, self._dialog_closed, cause=p.CAUSE_TEMPORARY_FAILURE,
+            credentials=credentials)
+        log.info("worker %d: sent BYE for %d dialog(s) its dead predecessor left up",
+                 self.index, count)
+
+    def _dialog_closed(self, closed: DialogClosed) -> None:
+        level = logging.INFO if closed.status < 300 or closed.status == 481 else logging.WARNING
+        log.log(level, "dialog %s of the dead worker: BYE answered %d %s", closed.call_id,
+                closed.status, closed.reason)
 
     async def _receive(self) -> None:
+        receive_errors = FailureLog("bus receive", log_interval=10.0, logger=log)
         while True:
-            data = await self._sock.recv()
+            try:
+                data = await self._sock.recv()
+            except zmq.ZMQError as exc:
+                if self._bus_closed or self._sock.closed:
+                    return
+                # Never leave the worker deaf to the supervisor over one error.
+                receive_errors.failed(exc, time.monotonic())
+                await asyncio.sleep(0.1)
+                continue
             try:
                 msg = bus.decode_to_worker(data)
             except msgspec.DecodeError:
@@ -150,6 +222,8 @@ class Worker:
                 room.duplicate_login(msg.message)
         elif isinstance(msg, bus.Shutdown):
             await self._shutdown()
+        elif isinstance(msg, bus.ByeDialogs):
+            self._bye_dialogs(msg)
 
     def _start_call(self, msg: bus.StartCall) -> None:
         offer = msg.offer
@@ -190,8 +264,9 @@ class Worker:
             loop_lag_p50_ms=round(p50, 2), loop_lag_p99_ms=round(p99, 2),
             packets_received=received, packets_sent=sent,
             decoders_created=DECODERS.created,
+            **(self.sip_endpoint.stats if self.sip_endpoint is not None else {}),
+            **DROPS.stats(),
         ))
-        self._stats_timer = asyncio.get_running_loop().call_later(1.0, self._report_stats)
 
     def leg_released(self, leg: WebRtcLeg, cause: int, normal: bool) -> None:
         if not normal:
@@ -223,40 +298,63 @@ class Worker:
         call's EndCall comes from the supervisor, once its recording is encrypted."""
         try:
             await self.aps.call_event(roomkey, "released", time.time(), cause, causestring)
-            if not recorded:
-                await self.aps.end_call(roomkey, "")
+        except ApsUnavailable as exc:
+            log.warning("AP-S did not take the release of call %d: %s", roomkey, exc)
+        if recorded:
+            return
+        try:  # on its own: a lost CallEvent must not leave the record live
+            await self.aps.end_call(roomkey, "")
         except ApsUnavailable as exc:
             log.warning("AP-S did not take the end of call %d: %s", roomkey, exc)
 
     # -- shutdown ------------------------------------------------------------------------
 
     async def _shutdown(self) -> None:
+        """Release every call, then stop. Runs once: Shutdown from the supervisor, SIGTERM
+        (the kernel's parent-death signal when the supervisor dies, or an operator's) and
+        any repeat of either all join the same shutdown."""
+        if self._shutdown_task is None:
+            self._shutdown_task = asyncio.create_task(self._shutdown_once())
+        await asyncio.shield(self._shutdown_task)
+
+    async def _shutdown_once(self) -> None:
         calls = list(self.calls.values())
-        for call in calls:
-            call.shutdown()
-        if calls:
-            await asyncio.wait(
-                [asyncio.create_task(c.wait_closed()) for c in calls], timeout=8
-            )
-        if self.sip_endpoint is not None:
-            await asyncio.sleep(0.05)  # let the BYEs leave before the socket closes
-            self.sip_endpoint.close()
-        if self._stats_timer is not None:
-            self._stats_timer.cancel()
-        self.lag.stop()
-        self.send(bus.ShutdownDone(self.index))
-        log.info("worker %d: released %d call(s), stopping", self.index, len(calls))
-        self._stopping.set()
+        try:
+            for call in calls:
+                call.shutdown()
+            if calls:
+                await asyncio.wait(
+                    [asyncio.create_task(c.wait_closed()) for c in calls], timeout=8
+                )
+            if self.sip_endpoint is not None:
+                await asyncio.sleep(0.05)  # let the BYEs leave before the socket closes
+                self.sip_endpoint.close()
+            self._stats.stop()
+            self.lag.stop()
+            self.send(bus.ShutdownDone(self.index))
+            # Told now, not at the signal: the kernel re-parents us only after the SIGTERM.
+            gone = " (supervisor gone)" if self._orphaned() else ""
+            log.info("worker %d: released %d call(s), stopping%s", self.index, len(calls), gone)
+        finally:
+            self._stopping.set()  # whatever failed above, the process still ends
 
     def _on_sigterm(self) -> None:
         # A SIGTERM straight to a worker (not via the supervisor) still releases its calls.
-        spawn(self._shutdown())
+        if self._shutdown_task is not None:
+            log.info("worker %d: SIGTERM while already stopping; ignored", self.index)
+            return
+        log.info("worker %d: SIGTERM: releasing calls and stopping", self.index)
+        spawn(self._shutdown(), "worker-shutdown")
 
 
 def main(index: int, config_path: str, bus_endpoint: str) -> None:
     _die_with_parent()
+    # First the secrets the supervisor writes on our stdin (never on disk), then the rest
+    # of the config from its effective-config file; stdin is not used after this.
+    secrets = config_secrets.read_line(sys.stdin.buffer)
+    _release_stdin()
     with open(config_path, "rb") as f:
-        config = msgspec.json.decode(f.read(), type=Config)
+        config = config_secrets.merge(msgspec.json.decode(f.read()), secrets)
     logging.basicConfig(
         level=config.appliance.log_level,
         format=f"%(asctime)s %(levelname)s worker[{index}] %(name)s: %(message)s",

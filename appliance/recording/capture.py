@@ -19,6 +19,7 @@ import logging
 import time
 from pathlib import Path
 
+from appliance.periodic import FailureLog
 from appliance.recording.formats import (
     IvfWriter,
     Job,
@@ -114,6 +115,8 @@ class CallRecorder:
             "agent": _VideoLane(resolve_in(recording_dir, self.paths.video_agent)),
         } if video else {}
         self._timer: asyncio.TimerHandle | None = None
+        # One line a minute at most while writes keep failing (a full disk fails every tick).
+        self._write_errors = FailureLog(f"recording {self.paths.audio}: write", logger=log)
         self._flushing: asyncio.Future[None] | None = None
         self.closed = False
 
@@ -160,9 +163,10 @@ class CallRecorder:
             if self._flushing is None or self._flushing.done():
                 loop = asyncio.get_running_loop()
                 self._flushing = loop.run_in_executor(None, self._flush_files)
-        except OSError:
-            log.exception("recording %s: write failed", self.paths.audio)
-        self._timer = asyncio.get_running_loop().call_later(FLUSH_INTERVAL, self._tick)
+        except Exception as exc:  # a full disk or a bug: the call goes on, the next tick retries
+            self._write_errors.failed(exc, time.monotonic())
+        finally:
+            self._timer = asyncio.get_running_loop().call_later(FLUSH_INTERVAL, self._tick)
 
     def _flush_files(self) -> None:
         self._wav.flush()
