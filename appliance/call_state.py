@@ -98,6 +98,9 @@ _TABLE: dict[tuple[State, Event], Transition] = {
     (State.ANSWERED, Event.SIP_BYE): Transition(
         State.RELEASED, Release(p.CAUSE_NORMAL, "normal release")
     ),
+    # The phone's side ended an answered call for a reason (a session timer that expired,
+    # a BYE with a Reason cause other than 16): the browser is told that cause.
+    (State.ANSWERED, Event.SIP_FAILED): Transition(State.RELEASED, FROM_EVENT),
 }
 for _state in _SIP_PENDING:
     _TABLE[(_state, Event.SIP_RINGING)] = Transition(State.RINGING)

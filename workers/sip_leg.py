@@ -24,6 +24,7 @@ from appliance.sip import events as sip_events
 from appliance.sip.auth import Credentials
 from appliance.sip.endpoint import SipEndpoint
 from appliance.sip.sdp import SdpError, audio_endpoint, build_offer
+from appliance.sip.session_timer import TimerSettings
 
 log = logging.getLogger("appliance.sip_leg")
 
@@ -79,6 +80,8 @@ class SipLeg:
             on_dtmf=self.owner.phone_dtmf,
             cadence=Cadence(tuple(sip.ringback_hz), sip.ringback_on_ms, sip.ringback_off_ms),
             cname=self.config.appliance.id,
+            latching=sip.rtp_latching,
+            label=f"channel {self.owner.channel}: ",
         )
         self.bridge.start()
         self.owner.rtp_sinks[audio.payload_type] = self.bridge.from_browser
@@ -91,6 +94,7 @@ class SipLeg:
             extra_headers=[("User-to-User", user_to_user(parties.roomkey))],
             credentials=credentials,
             ring_timeout=sip.ring_timeout,
+            session_timer=TimerSettings(sip.session_expires, sip.session_min_se),
         )
         self.call_id = call.call_id
         log.info("channel %d: INVITE %s -> %s (Call-ID %s, RTP %s:%d)", self.owner.channel,
@@ -147,7 +151,12 @@ class SipLeg:
             self.owner.sip_failed(event.cause, event.causestring)
         elif isinstance(event, sip_events.RemoteHangup):
             self._ended = True
-            self.owner.sip_hangup()
+            if event.cause == sip_events.RemoteHangup.cause:
+                self.owner.sip_hangup()
+            else:  # e.g. 102 when the session timer expired: the browser learns why
+                log.info("channel %d: SIP dialog ended, cause %d %s", self.owner.channel,
+                         event.cause, event.causestring)
+                self.owner.sip_failed(event.cause, event.causestring)
         elif isinstance(event, sip_events.Terminated):
             self.call_id = None
 

@@ -32,6 +32,7 @@ from .dtmf_info import DTMF_RELAY, dtmf_relay_body, parse_dtmf_info
 from .events import (
     Answered,
     CallEvent,
+    DialogUpdated,
     Failed,
     InfoDtmf,
     RemoteHangup,
@@ -53,6 +54,9 @@ from .message import (
     validate_header,
 )
 from .sdp import LocalSdp, SdpError
+from .session_timer import SessionTimer, TimerAction, TimerSettings
+from .snapshot import take as take_snapshot
+from .sources import dialog_peers
 from .transaction import (
     DEFAULT_TIMERS,
     Addr,
@@ -76,6 +80,7 @@ ACCEPT = "application/sdp, application/dtmf-relay, application/dtmf"
 # RFC 3261 user part characters (unreserved / escaped / user-unreserved), minus ';' and '?'
 # so a caller number can never smuggle URI parameters or headers into our messages.
 USER_PART_RE = re.compile(r"[A-Za-z0-9\-_.!~*'()&=+$,/%]+")
+MAX_FORKS = 8  # 2xx from distinct forks we ACK (and BYE but the first) per call
 
 
 class CallState(Enum):
@@ -94,6 +99,15 @@ _EARLY = (CallState.CALLING, CallState.PROCEEDING)
 
 def new_tag() -> str:
     return secrets.token_hex(6)
+
+
+def _allows(response: SipResponse, method: str) -> bool:
+    """Whether the peer's Allow lists `method` (RFC 3261 §20.5)."""
+    return any(
+        item.strip(" \t").upper() == method
+        for value in response.headers.get_all("Allow")
+        for item in value.split(",")
+    )
 
 
 def _hostport(host: str, port: int | None) -> str:
@@ -170,8 +184,22 @@ class OutgoingCall(SansIoCall):
         self._last_ringing: tuple[int, str | None] | None = None
         # The re-INVITE we answered 2xx: (transaction, CSeq, our 2xx carried the offer)
         self._reinvite: tuple[ServerInviteTransaction, int, bool] | None = None
+        # RFC 4028 (session_timer.py); off until use_session_timer() before start().
+        self.timer = SessionTimer()
+        self._peer_allows_update = False
+        self._refreshing = False  # our refresh request is in flight
+        # DialogUpdated events only for an owner that asks (the workers: snapshot.py), and
+        # what it was last told of the dialog, to tell only changes.
+        self.reports_dialog = False
+        self._announced: tuple[int, str, tuple[str, ...]] | None = None
 
     # ------------------------------------------------------------------ the owner's commands
+
+    def use_session_timer(self, settings: TimerSettings) -> None:
+        """RFC 4028 towards the peer (before start()): `settings.expires` 0 means none."""
+        if self.state is not CallState.IDLE:
+            raise RuntimeError("call already started")
+        self.timer = SessionTimer(settings)
 
     def start(self, now: float) -> None:
         """Send the INVITE."""
@@ -190,6 +218,8 @@ class OutgoingCall(SansIoCall):
         if self.user_agent:
             headers.add("User-Agent", self.user_agent)
         headers.add("Allow", ALLOW)
+        for name, value in self.timer.invite_headers():
+            headers.add(name, value)
         for name, value in self.extra_headers:
             headers.add(name, value)
         headers.add("Content-Type", "application/sdp")
@@ -246,6 +276,9 @@ class OutgoingCall(SansIoCall):
         if self._cancel_deadline is not None and self._cancel_deadline <= now:
             self._cancel_deadline = None
             self._on_cancel_gave_up()
+        session_deadline = self.timer.get_timer()
+        if session_deadline is not None and session_deadline <= now:
+            self._on_session_timer(self.timer.handle_timer(now), now)
         self._drive(now)
 
     def get_timer(self) -> float | None:
@@ -254,6 +287,7 @@ class OutgoingCall(SansIoCall):
             for t in (
                 self._ring_deadline,
                 self._cancel_deadline,
+                self.timer.get_timer(),
                 *(tx.get_timer() for tx, _ in self._client.values()),
                 *(tx.get_timer() for tx in self._server.values()),
             )
@@ -264,6 +298,19 @@ class OutgoingCall(SansIoCall):
     @property
     def terminated(self) -> bool:
         return self.state is CallState.TERMINATED
+
+    def has_dialog_for(self, request: SipRequest) -> bool:
+        """Whether a request is in one of this call's dialogs (confirmed or early)."""
+        return self._dialog_for(request) is not None
+
+    def peer_addresses(self) -> frozenset[Addr]:
+        """Where this call's SIP may come from (sources.py): the proxy, and the hosts the
+        confirmed or early dialogs send to (their Record-Route and Contact)."""
+        peers = {self.proxy}
+        for dialog in (self.dialog, *self._early.values()):
+            if dialog is not None:
+                peers |= dialog_peers(dialog.route_set, dialog.remote_target)
+        return frozenset(peers)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -306,9 +353,29 @@ class OutgoingCall(SansIoCall):
             server_moved = self._pump(
                 self._server, lambda tx, _event: self._on_server_timeout(tx, now))
             moved = client_moved or server_moved
+        self._announce_dialog()
         if self.state is CallState.ENDED and not self._client and not self._server:
             self.state = CallState.TERMINATED
             self._emit(Terminated())
+
+    def _announce_dialog(self) -> None:
+        """DialogUpdated when the confirmed dialog first exists, when what a BYE from
+        elsewhere would need changes (CSeq, target, routes), and once more (None) when it
+        is over: a call we ended stays announced until its BYE is answered."""
+        if self.state is not CallState.CONFIRMED:
+            self.timer.stop()  # a session timer runs only on a confirmed call
+        if not self.reports_dialog:
+            return
+        dialog = self.dialog
+        live = dialog is not None and self.state in (CallState.CONFIRMED, CallState.TERMINATING)
+        if dialog is not None and live:
+            key = (dialog.local_seq, dialog.remote_target, tuple(dialog.route_set))
+            if key != self._announced:
+                self._announced = key
+                self._emit(DialogUpdated(take_snapshot(dialog, self.proxy)))
+        elif self._announced is not None:
+            self._announced = None
+            self._emit(DialogUpdated(None))
 
     def _end(self) -> None:
         if self.state is not CallState.TERMINATED:
@@ -345,6 +412,8 @@ class OutgoingCall(SansIoCall):
                 return
             if self.state is CallState.TERMINATING:
                 self._end()
+        elif purpose == "refresh":
+            self._on_refresh_response(tx, response, now)
         # "cancel", "info" and "stray-bye" answers change nothing: the INVITE's own final
         # response (or the 64*T1 give-up) decides the fate of a cancelled call.
 
@@ -376,10 +445,17 @@ class OutgoingCall(SansIoCall):
             # A retransmitted 2xx: our ACK was lost (§13.2.2.4), send the same one again.
             self._out.append(self._acks[tag])
             return
+        if self.dialog is not None and len(self._acks) > MAX_FORKS:
+            # More "forks" than any real fork of a call: forged 2xx (from the proxy's
+            # address: sources.py refuses anyone else's). Each would cost an ACK, a BYE with
+            # its retransmissions, and memory for the call's lifetime: ignore them.
+            return
         try:
             dialog = Dialog.from_uac_response(invite, response)
         except SipParseError as exc:
-            log.warning("call %s: 2xx we cannot build a dialog from: %s", self.call_id, exc)
+            # Only the first answer matters; a broken "fork" after it is noise, not news.
+            report = log.warning if self.dialog is None else log.debug
+            report("call %s: 2xx we cannot build a dialog from: %s", self.call_id, exc)
             return
         ack = dialog.create_ack(cseq_of(invite).seq, self._via())
         if self.user_agent:
@@ -411,12 +487,16 @@ class OutgoingCall(SansIoCall):
             self.state = CallState.TERMINATING
             return
         self.state = CallState.CONFIRMED
+        self.timer.on_2xx(response, now)
+        self._peer_allows_update = _allows(response, "UPDATE")
         self._emit(Answered(sdp))
 
     def _on_invite_failure(self, tx: ClientTransaction, response: SipResponse, now: float) -> None:
         if tx is not self._invite_tx:
             return
         if self._retry_with_auth(tx, response, now, "invite"):
+            return
+        if self._retry_with_longer_interval(tx, response, now):
             return
         if not self._outcome and not self._local_end:
             self._outcome = True
@@ -520,6 +600,95 @@ class OutgoingCall(SansIoCall):
         bye = dialog.create_request("BYE", self._via(), headers=headers)
         self._start_client(bye, dialog.next_hop(self.proxy), now, purpose)
 
+    # ------------------------------------------------------------------ session timer (RFC 4028)
+
+    def _retry_with_longer_interval(
+        self, tx: ClientTransaction, response: SipResponse, now: float
+    ) -> bool:
+        """422 Session Interval Too Small: the same INVITE again with the peer's Min-SE."""
+        if response.status != 422 or self._local_end or self._outcome:
+            return False
+        if not self.timer.on_422(response):
+            return False
+        old = tx.request
+        request = SipRequest("INVITE", old.uri, old.headers.copy(), old.body)
+        request.headers.set("Via", self._via())
+        request.headers.set("CSeq", f"{cseq_of(old).seq + 1} INVITE")
+        for name, value in self.timer.invite_headers()[1:]:  # Session-Expires, Min-SE
+            request.headers.set(name, value)
+        self.state = CallState.CALLING  # CANCEL must wait for this INVITE's own 1xx
+        self._send_invite(request, now)
+        return True
+
+    def _on_session_timer(self, action: TimerAction | None, now: float) -> None:
+        if self.state is not CallState.CONFIRMED or self.dialog is None:
+            return
+        if action is TimerAction.REFRESH:
+            self._send_refresh(now)
+        elif action is TimerAction.EXPIRE:
+            self._session_lost(now, "no session refresh in time")
+
+    def _send_refresh(self, now: float) -> None:
+        """Our refresh: UPDATE without a body when the peer allows it (no offer/answer to
+        go wrong), else a re-INVITE with our SDP unchanged (same o= version)."""
+        assert self.dialog is not None
+        self._refreshing = True
+        headers = [*self._ua(), *self.timer.refresh_headers()]
+        if self._peer_allows_update:
+            request = self.dialog.create_request("UPDATE", self._via(), headers=headers)
+        else:
+            headers += [("Allow", ALLOW), ("Content-Type", "application/sdp")]
+            body = self.local_sdp.current.encode()
+            request = self.dialog.create_request("INVITE", self._via(), headers=headers,
+                                                 body=body)
+        self._start_client(request, self.dialog.next_hop(self.proxy), now, "refresh")
+
+    def _on_refresh_response(
+        self, tx: ClientTransaction, response: SipResponse | None, now: float
+    ) -> None:
+        if response is not None and response.status < 200:
+            return
+        dialog = self.dialog
+        if self.state is not CallState.CONFIRMED or dialog is None:
+            return
+        if response is not None and 200 <= response.status < 300:
+            if tx.request.method == "INVITE":
+                # §13.2.2.4: the ACK is ours to send (again, for a retransmitted 2xx).
+                ack = dialog.create_ack(cseq_of(tx.request).seq, self._via())
+                self._out.append((serialize(ack), dialog.next_hop(self.proxy)))
+            if self._refreshing:
+                self._refreshing = False
+                dialog.target_refresh(response)  # type: ignore[arg-type] - reads Contact only
+                self.timer.on_2xx(response, now)
+            return
+        self._refreshing = False
+        status = 408 if response is None else response.status
+        if status in (408, 481):
+            # §12.2.1.2: the dialog is gone at the far end.
+            self._session_lost(now, f"session refresh answered {status}")
+        elif status == 491:
+            # §14.1: glare; we own the Call-ID, so retry after 2.1-4 s.
+            self.timer.retry_refresh(now, 2.1 + secrets.randbelow(1900) / 1000)
+        elif status == 422 and response is not None and self.timer.on_422(response):
+            self._send_refresh(now)
+        # Anything else: the session stays as it is; no refresh by the deadline means BYE.
+
+    def _session_lost(self, now: float, why: str) -> None:
+        """RFC 4028 §10: the session expired (or the dialog is gone): BYE, cause 102."""
+        assert self.dialog is not None
+        log.info("call %s: session timer: %s; ending the call", self.call_id, why)
+        cause = causes.CAUSE_TIMER_EXPIRY
+        self._emit(RemoteHangup(cause, f"{causes.causestring(cause)}: session timer"))
+        self._send_bye(self.dialog, now, cause)
+        self.state = CallState.TERMINATING
+
+    def _timer_answer(self, request: SipRequest, now: float) -> list[tuple[str, str]]:
+        """The RFC 4028 headers of our 2xx to the peer's re-INVITE or UPDATE (a refresh);
+        an UPDATE on the early dialog refreshes nothing."""
+        if self.state is not CallState.CONFIRMED:
+            return []
+        return self.timer.on_refresh_request(request, now)
+
     # ------------------------------------------------------------------ requests from the peer
 
     def _on_response(self, response: SipResponse, now: float) -> None:
@@ -555,6 +724,11 @@ class OutgoingCall(SansIoCall):
             return
         if not dialog.accept_remote_cseq(request):
             tx.respond(dialog.create_response(request, 500, "CSeq Out of Order"), now)
+            return
+        too_small = self.timer.too_small(request) if request.method in ("INVITE", "UPDATE") \
+            else None
+        if too_small is not None:  # RFC 4028 §8.1: below our Min-SE
+            tx.respond(dialog.create_response(request, 422, headers=too_small), now)
             return
         handler = {
             "BYE": self._on_bye,
@@ -607,8 +781,9 @@ class OutgoingCall(SansIoCall):
         dialog.target_refresh(request)
         offer = sdp_body(request)
         if offer is None:
-            # No offer: ours goes in the 200, the peer's answer comes in the ACK.
-            body = self.local_sdp.current.encode()
+            # No offer: ours goes in the 200 (what we want, sendrecv: sdp.py), the peer's
+            # answer comes in the ACK.
+            body = self.local_sdp.offer().encode()
             self._reinvite = (tx, cseq_of(request).seq, True)
         else:
             answer = self._answer(offer)
@@ -618,6 +793,7 @@ class OutgoingCall(SansIoCall):
             body = answer.encode()
             self._reinvite = (tx, cseq_of(request).seq, False)
         headers = [("Allow", ALLOW), *self._ua_server(), ("Content-Type", "application/sdp")]
+        headers += self._timer_answer(request, now)
         tx.respond(dialog.create_response(request, 200, headers=headers, body=body), now)
         if offer is not None:
             self._emit(RemoteMediaChanged(offer))
@@ -628,13 +804,15 @@ class OutgoingCall(SansIoCall):
         dialog.target_refresh(request)
         offer = sdp_body(request)
         if offer is None:
-            tx.respond(dialog.create_response(request, 200, headers=self._ua_server()), now)
+            headers = [*self._ua_server(), *self._timer_answer(request, now)]
+            tx.respond(dialog.create_response(request, 200, headers=headers), now)
             return
         answer = self._answer(offer)
         if answer is None:
             tx.respond(dialog.create_response(request, 488), now)
             return
         headers = [*self._ua_server(), ("Content-Type", "application/sdp")]
+        headers += self._timer_answer(request, now)
         tx.respond(dialog.create_response(request, 200, headers=headers, body=answer.encode()), now)
         self._emit(RemoteMediaChanged(offer))
 

@@ -3,7 +3,8 @@
 Datagrams go into the agent with `loop.time()`; after every input the endpoint sends what
 the agent returns, hands each event to the callback of the call it belongs to, and re-arms
 ONE timer at the agent's earliest deadline. This is the only SIP module that touches a
-socket or a clock.
+socket or a clock, and the only one that resolves a name: the proxy's, once, at start, so
+that the agent knows which source addresses are the proxy (sources.py).
 """
 
 from __future__ import annotations
@@ -11,18 +12,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import cast
 
 from .agent import SipAgent
 from .auth import Credentials
 from .call import OutgoingCall
-from .events import CallEvent, Terminated
+from .events import CallEvent, DialogUpdated, Terminated
+from .message import SipParseError
+from .orphan import DialogClosed, OrphanedDialog
+from .session_timer import TimerSettings
+from .snapshot import DialogSnapshot
+from .sources import SourcePolicy
 from .transaction import DEFAULT_TIMERS, Addr, TimerConfig
 
 log = logging.getLogger("appliance.sip")
 
 EventCallback = Callable[[CallEvent], None]
+DialogCallback = Callable[[str, "DialogSnapshot | None"], None]
 
 
 class SipEndpoint(asyncio.DatagramProtocol):
@@ -33,8 +40,10 @@ class SipEndpoint(asyncio.DatagramProtocol):
         user_agent: str = "",
         timers: TimerConfig = DEFAULT_TIMERS,
         advertise: str | None = None,
+        sources: SourcePolicy | None = None,
     ) -> None:
         self._proxy = proxy
+        self._sources = sources  # None: the agent's default, the proxy as given
         self._advertise = advertise
         self._user_agent = user_agent
         self._timers = timers
@@ -45,6 +54,9 @@ class SipEndpoint(asyncio.DatagramProtocol):
         self._timer_at: float | None = None
         self._callbacks: dict[str, EventCallback] = {}
         self._closed = self._loop.create_future()
+        # Told of every confirmed dialog (snapshot) and of its end (None), by Call-ID: the
+        # worker keeps the supervisor's copy, for BYE should this process die (snapshot.py).
+        self.on_dialog: DialogCallback | None = None
 
     @classmethod
     async def create(
@@ -55,15 +67,25 @@ class SipEndpoint(asyncio.DatagramProtocol):
         user_agent: str = "",
         timers: TimerConfig = DEFAULT_TIMERS,
         advertise: str | None = None,
+        allowed_sources: Sequence[str] = (),
+        strict_source_port: bool = False,
     ) -> SipEndpoint:
         """Bind `local` (port 0 picks a free one) and return the running endpoint.
 
         `advertise` is the host our Via, Contact and From name; by default the bound one,
         or for a wildcard bind (0.0.0.0) the address the system would send to the proxy from.
+        SIP is accepted from the proxy (every address its name resolves to now), from
+        `allowed_sources` (addresses or networks) and from each call's own peers; with
+        `strict_source_port` a peer's port must match too (sources.py).
         """
         loop = asyncio.get_running_loop()
+        sources = SourcePolicy(
+            await _resolve(proxy), allowed_sources, strict_port=strict_source_port
+        )
         _, protocol = await loop.create_datagram_endpoint(
-            lambda: cls(proxy, user_agent=user_agent, timers=timers, advertise=advertise),
+            lambda: cls(
+                proxy, user_agent=user_agent, timers=timers, advertise=advertise, sources=sources
+            ),
             local_addr=local,
         )
         return protocol
@@ -77,6 +99,11 @@ class SipEndpoint(asyncio.DatagramProtocol):
     @property
     def local_address(self) -> Addr:
         return self.agent.local
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """`sip_parse_errors`, `sip_refused_source`, `sip_replies_limited` since start."""
+        return self.agent.stats if self._agent is not None else {}
 
     # ------------------------------------------------------------------ the owner's commands
 
@@ -92,8 +119,10 @@ class SipEndpoint(asyncio.DatagramProtocol):
         extra_headers: Sequence[tuple[str, str]] = (),
         credentials: Credentials | tuple[str, str] | None = None,
         ring_timeout: float | None = None,
+        session_timer: TimerSettings | None = None,
     ) -> OutgoingCall:
-        """Send an INVITE now; every event of the call goes to `on_event`, Terminated last."""
+        """Send an INVITE now; every event of the call goes to `on_event`, Terminated last.
+        `session_timer`: RFC 4028 towards the peer (session_timer.py); None: none."""
         call = self.agent.create_call(
             caller,
             callee,
@@ -105,7 +134,10 @@ class SipEndpoint(asyncio.DatagramProtocol):
             ring_timeout=ring_timeout,
         )
         self._callbacks[call.call_id] = on_event
+        call.reports_dialog = self.on_dialog is not None
         try:
+            if session_timer is not None:
+                call.use_session_timer(session_timer)
             call.start(self._loop.time())
         except Exception:
             self.agent.calls.pop(call.call_id, None)
@@ -129,6 +161,37 @@ class SipEndpoint(asyncio.DatagramProtocol):
         self._transmit()
         return sent
 
+    def close_dialogs(
+        self,
+        snapshots: Iterable[DialogSnapshot],
+        on_closed: Callable[[DialogClosed], None],
+        *,
+        cause: int,
+        credentials: Credentials | None = None,
+    ) -> int:
+        """BYE for each dialog another process left confirmed (orphan.py), from this port;
+        `on_closed` gets each outcome. Returns how many BYEs went out."""
+        now = self._loop.time()
+        count = 0
+        for snapshot in snapshots:
+            if snapshot.call_id in self.agent.calls:
+                continue  # a call of ours already (cannot happen: Call-IDs are random)
+            try:
+                orphan = OrphanedDialog(snapshot, local=self.agent.local,
+                                        user_agent=self._user_agent, credentials=credentials,
+                                        timers=self._timers, cause=cause)
+            except SipParseError as exc:
+                log.warning("cannot end dialog %s: unreadable snapshot: %s",
+                            snapshot.call_id, exc)
+                continue
+            # Routed by Call-ID like a call of ours (it speaks the same sans-IO interface).
+            self.agent.calls[orphan.call_id] = orphan  # type: ignore[assignment]
+            self._callbacks[orphan.call_id] = _closed_callback(on_closed)
+            orphan.start(now)
+            count += 1
+        self._transmit()
+        return count
+
     def close(self) -> None:
         if self._transport is not None:
             self._transport.close()
@@ -147,7 +210,8 @@ class SipEndpoint(asyncio.DatagramProtocol):
         if host in ("0.0.0.0", "::"):
             host = _source_address_towards(self._proxy)
         self._agent = SipAgent(
-            (host, port), self._proxy, user_agent=self._user_agent, timers=self._timers
+            (host, port), self._proxy, user_agent=self._user_agent, timers=self._timers,
+            sources=self._sources,
         )
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
@@ -180,6 +244,10 @@ class SipEndpoint(asyncio.DatagramProtocol):
             for data, addr in datagrams:
                 self._transport.sendto(data, addr)
         while (event := agent.next_event()) is not None:
+            if isinstance(event, DialogUpdated):
+                if self.on_dialog is not None:
+                    self._tell_dialog(event)
+                continue
             callback = self._callbacks.get(event.call_id)
             if isinstance(event, Terminated):
                 self._callbacks.pop(event.call_id, None)
@@ -191,6 +259,13 @@ class SipEndpoint(asyncio.DatagramProtocol):
                 log.exception("SIP event callback failed for call %s", event.call_id)
         self._rearm(agent.get_timer())
 
+    def _tell_dialog(self, event: DialogUpdated) -> None:
+        assert self.on_dialog is not None
+        try:
+            self.on_dialog(event.call_id, event.snapshot)
+        except Exception:
+            log.exception("dialog callback failed for call %s", event.call_id)
+
     def _rearm(self, deadline: float | None) -> None:
         if deadline == self._timer_at:
             return
@@ -200,6 +275,26 @@ class SipEndpoint(asyncio.DatagramProtocol):
         self._timer_at = deadline
         if deadline is not None:
             self._timer = self._loop.call_at(deadline, self._on_timer)
+
+
+def _closed_callback(on_closed: Callable[[DialogClosed], None]) -> EventCallback:
+    def callback(event: CallEvent) -> None:
+        if isinstance(event, DialogClosed):
+            on_closed(event)
+
+    return callback
+
+
+async def _resolve(proxy: Addr) -> list[Addr]:
+    """Every address of the proxy's host (an IP literal is its own). A name that does not
+    resolve now is kept as is: calls to it fail on their own, and nothing is let in by it."""
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(proxy[0], proxy[1], type=socket.SOCK_DGRAM)
+    except (OSError, UnicodeError) as exc:
+        log.warning("cannot resolve the SIP proxy %s: %s", proxy[0], exc)
+        return [proxy]
+    return [proxy, *((str(info[4][0]), proxy[1]) for info in infos)]
 
 
 def _source_address_towards(dest: Addr) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .message import Headers
+from .snapshot import DialogSnapshot
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -72,6 +73,15 @@ class InfoDtmf(CallEvent):
 
     key: str
     duration_ms: int | None = None
+
+
+@dataclass(frozen=True)
+class DialogUpdated(CallEvent):
+    """The confirmed dialog as another process would need it to send BYE (snapshot.py):
+    on confirmation and whenever its CSeq, target or route set changes; `snapshot` None
+    once the dialog is over. The worker keeps the supervisor's copy current with it."""
+
+    snapshot: DialogSnapshot | None
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 MAX_MESSAGE_SIZE = 64 * 1024  # far above any UDP datagram a PBX sends; bounds the work per packet
 MAX_HEADERS = 256
@@ -115,6 +116,7 @@ class SipParseError(ValueError):
         self.partial = partial
 
 
+@lru_cache(maxsize=1024)  # every header of every datagram comes through here; bounded
 def canonical_name(name: str) -> str:
     """The spelling a header name is stored and sent with ('CALL-ID', 'i' -> 'Call-ID')."""
     lower = name.lower()

@@ -352,6 +352,8 @@ class LocalSdp:
         if self.session.audio is None:
             raise SdpError("the local SDP needs an audio stream")
         self._current = sdp
+        # What we offer when asked for an offer: our own description, sendrecv.
+        self._wanted = _sendrecv(sdp)
         origin = self.session.origin.split()
         self._version = int(origin[2]) if len(origin) >= 3 and origin[2].isdigit() else 0
 
@@ -359,6 +361,21 @@ class LocalSdp:
     def current(self) -> str:
         """Our last SDP: the offer to put in a 2xx when a re-INVITE carries none."""
         return self._current
+
+    def offer(self) -> str:
+        """A fresh offer, for a re-INVITE (or UPDATE) that carries none.
+
+        RFC 6337 §5.3: the offer says what we want, not what the last exchange left. That is
+        always sendrecv with our address, port and codecs: repeating the `recvonly` of our
+        answer to a hold would have the PBX answer `sendonly`, and the call would stay on
+        hold towards the phone after the PBX meant to resume it. The o= version goes up
+        when this differs from what we sent last."""
+        candidate = _with_version(self._wanted, self._version)
+        if _without_origin(candidate) != _without_origin(self._current):
+            self._version += 1
+            candidate = _with_version(self._wanted, self._version)
+        self._current = candidate
+        return candidate
 
     def answer(self, offer: str) -> str | None:
         """Our answer to a re-offer (None when nothing is in common, i.e. 488)."""
@@ -371,6 +388,28 @@ class LocalSdp:
             assert candidate is not None
         self._current = candidate
         return candidate
+
+
+def _sendrecv(sdp: str) -> str:
+    """`sdp` with every direction attribute made sendrecv (and the line ends CRLF)."""
+    lines = [
+        "a=sendrecv" if line.strip() in {f"a={d}" for d in DIRECTIONS} else line
+        for line in sdp.replace("\r\n", "\n").split("\n")
+        if line.strip()
+    ]
+    return "\r\n".join(lines) + "\r\n"
+
+
+def _with_version(sdp: str, version: int) -> str:
+    """`sdp` with `version` as the o= line's session version (RFC 4566 §5.2)."""
+    lines = sdp.split("\r\n")
+    for i, line in enumerate(lines):
+        fields = line[2:].split(" ")
+        if line.startswith("o=") and len(fields) >= 3:
+            fields[2] = str(version)
+            lines[i] = "o=" + " ".join(fields)
+            break
+    return "\r\n".join(lines)
 
 
 def _without_origin(sdp: str) -> str:

@@ -54,6 +54,7 @@ from .message import (
     top_via,
 )
 from .sdp import LocalSdp, SdpError
+from .sources import dialog_peers, normal_ip
 from .transaction import (
     DEFAULT_TIMERS,
     Addr,
@@ -244,6 +245,17 @@ class IncomingCall(SansIoCall):
     @property
     def terminated(self) -> bool:
         return self.state is IncomingState.TERMINATED
+
+    def has_dialog_for(self, request: SipRequest) -> bool:
+        """Whether a request is this call's: in its dialog, or without a To tag (a CANCEL or
+        a retransmission of the INVITE, which its transactions match)."""
+        return tag_of(request, "To") is None or self.dialog.matches(request)
+
+    def peer_addresses(self) -> frozenset[Addr]:
+        """Where this call's SIP may come from (sources.py): the INVITE's source, and the
+        hosts the dialog sends to (the caller's Contact, its Record-Route)."""
+        source = (normal_ip(self.source[0]), self.source[1])
+        return dialog_peers(self.dialog.route_set, self.dialog.remote_target) | {source}
 
     # ------------------------------------------------------------------ plumbing
 
@@ -447,8 +459,9 @@ class IncomingCall(SansIoCall):
         self.dialog.target_refresh(request)
         offer = sdp_body(request)
         if offer is None:
-            # No offer: ours goes in the 200, the caller's answer comes in the ACK.
-            body = self.local_sdp.current
+            # No offer: ours goes in the 200 (sendrecv, RFC 6337 §5.3), the caller's answer
+            # comes in the ACK.
+            body = self.local_sdp.offer()
             self._reinvite = (tx, cseq_of(request).seq, True)
         else:
             answer = self._answer(offer)

@@ -348,6 +348,45 @@ def test_reinvite_without_sdp_gets_our_offer_and_the_answer_comes_in_the_ack() -
     assert events(call) == [RemoteMediaChanged(ANSWER_SDP, call_id=call.call_id)]
 
 
+def test_resume_by_reinvite_without_sdp_after_hold_offers_sendrecv() -> None:
+    """Finding 15a: a PBX holds with a sendonly re-INVITE, then resumes with a re-INVITE
+    without SDP. Our offer in the 200 must say what we want (sendrecv, RFC 6337 §5.3), not
+    repeat the recvonly of our hold answer, or the PBX answers sendonly and the call stays
+    on hold towards the phone."""
+    call, invite = answered()
+    hold = ANSWER_SDP.replace("a=sendrecv", "a=sendonly").replace("o=desk 77 1", "o=desk 77 2")
+    reinvite = in_dialog_request(invite, "desk1", "INVITE", 1, branch="z9hG4bKre1", sdp=hold)
+    call.receive_datagram(reinvite, ("127.0.0.1", 5090), 10.0)
+    _, held = sent(call)
+    assert isinstance(held, SipResponse)
+    assert audio_endpoint(held.body.decode()).direction == "recvonly"
+    ack = in_dialog_request(invite, "desk1", "ACK", 1, branch="z9hG4bKack1")
+    call.receive_datagram(ack, ("127.0.0.1", 5090), 10.1)
+    events(call)
+
+    resume = in_dialog_request(invite, "desk1", "INVITE", 2, branch="z9hG4bKre2")
+    call.receive_datagram(resume, ("127.0.0.1", 5090), 20.0)
+    _, ok = sent(call)
+    assert isinstance(ok, SipResponse) and ok.status == 200
+    offer = ok.body.decode()
+    ours = audio_endpoint(offer)
+    assert (ours.direction, ours.address, ours.port) == ("sendrecv", "127.0.0.1", 40000)
+    assert ours.payload_types == [0, 101]
+    assert "o=- 4242 3 " in offer, offer  # 1 (INVITE), 2 (hold answer), 3 (this offer)
+    assert events(call) == []
+    answer = ANSWER_SDP.replace("o=desk 77 1", "o=desk 77 3")
+    ack = in_dialog_request(invite, "desk1", "ACK", 2, branch="z9hG4bKack2", sdp=answer)
+    call.receive_datagram(ack, ("127.0.0.1", 5090), 20.1)
+    (changed,) = events(call)
+    assert isinstance(changed, RemoteMediaChanged)
+    assert not audio_endpoint(changed.sdp).on_hold  # the bridge sends to the phone again
+    # Asked again with nothing changed: the same offer, the same version.
+    again = in_dialog_request(invite, "desk1", "INVITE", 3, branch="z9hG4bKre3")
+    call.receive_datagram(again, ("127.0.0.1", 5090), 30.0)
+    _, ok2 = sent(call)
+    assert isinstance(ok2, SipResponse) and ok2.body.decode() == offer
+
+
 def test_reinvite_with_nothing_in_common_gets_488() -> None:
     call, invite = answered()
     g729 = ANSWER_SDP.replace("RTP/AVP 0 101", "RTP/AVP 18").replace("a=rtpmap:0 PCMU/8000\r\n", "")

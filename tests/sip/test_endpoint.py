@@ -131,3 +131,17 @@ async def test_a_wildcard_bind_advertises_a_real_address(peer: RawPeer) -> None:
     invite, _ = await peer.recv()
     assert invite.headers.get("Contact", "").startswith("<sip:5678@127.0.0.5:")  # type: ignore[union-attr]
     ep.close()
+
+
+async def test_the_proxy_name_is_resolved_once_for_the_source_check() -> None:
+    ep = await SipEndpoint.create(
+        ("127.0.0.1", 0), ("localhost", 5099), allowed_sources=["127.0.0.64/26"],
+        strict_source_port=True,
+    )
+    sources = ep.agent.sources
+    assert ("127.0.0.1", 5099) in sources.proxies and sources.strict_port
+    assert sources.allows_out_of_dialog(("127.0.0.1", 5099))
+    assert not sources.allows_out_of_dialog(("127.0.0.1", 5098))  # strict: the port too
+    assert sources.allows_out_of_dialog(("127.0.0.65", 1))
+    assert ep.stats == {"sip_parse_errors": 0, "sip_refused_source": 0, "sip_replies_limited": 0}
+    ep.close()

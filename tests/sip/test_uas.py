@@ -320,6 +320,26 @@ def test_reinvite_is_answered_with_our_sdp() -> None:
     assert run_timers(call, 8.0) == [] and call.state is IncomingState.CONFIRMED
 
 
+def test_reinvite_without_sdp_after_hold_gets_a_sendrecv_offer() -> None:
+    # Finding 15a, the UAS half: the same rule (RFC 6337 §5.3) on the desk phone's side.
+    call, tag = answered()
+    hold = OFFER.replace("a=sendrecv", "a=sendonly")
+    call.receive_datagram(
+        request("INVITE", cseq=2, branch="z9hG4bKre1", to_tag=tag, sdp=hold), CALLER, 5.0
+    )
+    _, held = responses(call)
+    assert audio_endpoint(held.body.decode()).direction == "recvonly"
+    call.receive_datagram(request("ACK", cseq=2, branch="z9hG4bKa2", to_tag=tag), CALLER, 5.1)
+    call.receive_datagram(request("INVITE", cseq=3, branch="z9hG4bKre2", to_tag=tag), CALLER, 6.0)
+    _, ok = responses(call)
+    assert audio_endpoint(ok.body.decode()).direction == "sendrecv"
+    events(call)
+    call.receive_datagram(
+        request("ACK", cseq=3, branch="z9hG4bKa3", to_tag=tag, sdp=OFFER), CALLER, 6.1
+    )
+    assert events(call) == [RemoteMediaChanged(OFFER, call_id=CALL_ID)]
+
+
 def test_options_info_and_unknown_methods_in_dialog() -> None:
     call, tag = answered()
     call.receive_datagram(request("OPTIONS", cseq=2, branch="z9hG4bKo", to_tag=tag), CALLER, 3)

@@ -113,3 +113,9 @@ def test_lifetime_and_media_failure_apply_while_ringing_and_talking() -> None:
     for event in (Event.LIFETIME_EXPIRED, Event.MEDIA_FAILED):
         transition = machine_answered().handle(event)
         assert transition is not None and transition.release is not None
+
+
+def test_answered_call_ended_by_a_session_timer_tells_the_browser_why() -> None:
+    expired = Release(102, "recovery on timer expiry: session timer")
+    transition = machine_answered().handle(Event.SIP_FAILED, release=expired)
+    assert transition is not None and transition.release == expired
