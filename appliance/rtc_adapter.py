@@ -13,6 +13,10 @@ Why we need hooks at all:
   is up, `SrtpFastPath` takes RTP straight from aioice's datagram callback through
   pylibsrtp to our handler, and sends with one protect + sendto. aiortc keeps ICE checks and
   consent, the DTLS handshake and keys, and RTCP.
+- The ICE port takes datagrams from anyone. aiortc's receive loop fails the whole DTLS
+  transport on an exception (an empty datagram is an IndexError there, one over 1500 bytes
+  a ValueError from pylibsrtp), so our candidate sockets drop those before aioice sees them
+  (`_GuardedStunProtocol`), and the fast path never lets a hostile packet raise.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import asyncio
 import ipaddress
 import logging
 import random
+import time
 from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,12 +38,28 @@ from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCRtpSend
 from aiortc.mediastreams import MediaStreamTrack
 from aiortc.rtcdtlstransport import RTCDtlsTransport
 
+from appliance.media.datagrams import DROPS, fits
 from appliance.media.udp_send import DirectSender
+from appliance.sip.throttle import Tally
 
 log = logging.getLogger("appliance.rtc")
 
 _ICE_TRANSPORTS_ATTR = "_RTCPeerConnection__iceTransports"
 _BIND_ATTEMPTS = 64
+# Per worker process, one line per interval: what strangers (or a hostile browser) send.
+_oversized = Tally(log, "datagrams on an ICE port that cannot be media (empty or > 1500 B)")
+_unusable = Tally(log, "SRTP/SRTCP packets the relay could not use", level=logging.WARNING)
+
+
+class _GuardedStunProtocol(StunProtocol):
+    """aioice's socket protocol, minus datagrams no media or ICE packet can be."""
+
+    def datagram_received(self, data: bytes | str, addr: tuple[Any, ...]) -> None:
+        if not isinstance(data, bytes) or not fits(data):
+            _oversized.note(time.monotonic(), (str(addr[0]), int(addr[1])),
+                            f"{len(data)} bytes")
+            return
+        super().datagram_received(data, addr)
 
 
 @dataclass(frozen=True)
@@ -123,7 +144,7 @@ async def _bind(
     for port in ports:
         try:
             transport, protocol = await loop.create_datagram_endpoint(
-                lambda: StunProtocol(conn), local_addr=(address, port)
+                lambda: _GuardedStunProtocol(conn), local_addr=(address, port)
             )
             return transport, protocol
         except OSError as exc:  # port taken by another call or process: try another
@@ -233,35 +254,64 @@ class SrtpFastPath:
         self._conn.data_received = self._data_received  # type: ignore[method-assign]
         self.received = 0
         self.sent = 0
-        self.unprotect_errors = 0
+        self.unprotect_errors = 0  # failed SRTP authentication/replay: not the keyed peer
+        self.handler_errors = 0  # authenticated, then a handler could not use it
+        self.protect_errors = 0  # too big to protect (a browser's near-MTU packet + our ext)
         # One direct sender per candidate pair's socket (the nominated pair rarely changes).
         self._senders: dict[int, DirectSender] = {}
         self._detached = False
 
     def _data_received(self, data: bytes, component: int) -> None:
+        if not fits(data):
+            return
         # RFC 7983 demux: 128..191 is RTP/RTCP; RFC 5761: RTCP types are 192..223.
-        if 127 < data[0] < 192 and len(data) > 12:
-            if not 192 <= data[1] <= 223:
-                if self._handled is not None and data[1] & 0x7F not in self._handled:
-                    self._chain(data, component)  # SRTP leaves the RTP header in clear
-                    return
-                try:
-                    packet = self._rx.unprotect(data)
-                except pylibsrtp.Error:
-                    self.unprotect_errors += 1
-                    return
-                self.received += 1
+        if not 127 < data[0] < 192:
+            self._chain(data, component)  # DTLS (and STUN that aioice did not take)
+            return
+        if len(data) < 12:
+            self._unprotect_failed()  # shorter than any RTP header: never worth a call
+            return
+        if not 192 <= data[1] <= 223:
+            if self._handled is not None and data[1] & 0x7F not in self._handled:
+                self._chain(data, component)  # SRTP leaves the RTP header in clear
+                return
+            try:
+                packet = self._rx.unprotect(data)
+            except (pylibsrtp.Error, ValueError):
+                self._unprotect_failed()
+                return
+            self.received += 1
+            try:
                 self._on_rtp(packet)
-                return
-            if self._on_rtcp is not None:
-                try:
-                    packet = self._rx.unprotect_rtcp(data)
-                except pylibsrtp.Error:
-                    self.unprotect_errors += 1
-                    return
-                self._on_rtcp(packet)
-                return
-        self._chain(data, component)
+            except Exception as exc:  # the keyed browser itself may be hostile
+                self._handler_failed(exc)
+            return
+        if self._on_rtcp is None:
+            self._chain(data, component)
+            return
+        try:
+            packet = self._rx.unprotect_rtcp(data)
+        except (pylibsrtp.Error, ValueError):
+            self._unprotect_failed()
+            return
+        try:
+            self._on_rtcp(packet)
+        except Exception as exc:
+            self._handler_failed(exc)
+
+    def _peer(self) -> tuple[str, int]:
+        pair = self._conn._nominated.get(1)
+        return (str(pair.remote_addr[0]), int(pair.remote_addr[1])) if pair else ("?", 0)
+
+    def _unprotect_failed(self) -> None:
+        # Anyone can send these (or a network duplicates a packet: replay): count only.
+        self.unprotect_errors += 1
+        DROPS.unprotect_failed += 1
+
+    def _handler_failed(self, exc: Exception) -> None:
+        self.handler_errors += 1
+        DROPS.malformed += 1
+        _unusable.note(time.monotonic(), self._peer(), f"{type(exc).__name__}: {exc}")
 
     def _sender(self, protocol: StunProtocol) -> DirectSender:
         sender = self._senders.get(id(protocol))
@@ -273,13 +323,28 @@ class SrtpFastPath:
         pair = self._conn._nominated.get(1)
         if pair is None or self._detached:  # ICE restarting, or the leg is being torn down
             return
-        self._sender(pair.protocol).sendto(self._tx.protect(packet), pair.remote_addr)
+        try:
+            protected = self._tx.protect(packet)
+        except (pylibsrtp.Error, ValueError) as exc:
+            self._protect_failed(exc)
+            return
+        self._sender(pair.protocol).sendto(protected, pair.remote_addr)
         self.sent += 1
 
     def send_rtcp(self, packet: bytes) -> None:
         pair = self._conn._nominated.get(1)
-        if pair is not None and not self._detached:
-            self._sender(pair.protocol).sendto(self._tx.protect_rtcp(packet), pair.remote_addr)
+        if pair is None or self._detached:
+            return
+        try:
+            protected = self._tx.protect_rtcp(packet)
+        except (pylibsrtp.Error, ValueError) as exc:
+            self._protect_failed(exc)
+            return
+        self._sender(pair.protocol).sendto(protected, pair.remote_addr)
+
+    def _protect_failed(self, exc: Exception) -> None:
+        self.protect_errors += 1
+        _unusable.note(time.monotonic(), self._peer(), f"not sent: {type(exc).__name__}: {exc}")
 
     def detach(self) -> None:
         self._detached = True

@@ -92,9 +92,13 @@ def abs_send_time_extension(ext_id: int, now: float | None = None) -> bytes:
 class RtpRewriter:
     """One outgoing stream fed by successive sources (ringback, early media, the answered
     call, a transcoder): new SSRC and payload type, sequence numbers and timestamps
-    continuous across source switches, marker bit on the first packet after a switch."""
+    continuous across source switches, marker bit on the first packet after a switch.
 
-    __slots__ = ("_last_out_ts", "_last_wall", "_pending_switch", "_seq", "_source",
+    Sequence numbers count packets really sent (RFC 3550 5.1: +1 per packet), so a packet
+    that is not sent (the phone holds the call) is `stamp`ed, never `rewrite`n: the
+    timestamps go on with the wall clock, the sequence numbers do not jump."""
+
+    __slots__ = ("_last_out_ts", "_last_wall", "_mark_next", "_seq", "_source",
                  "_ts_offset", "clock_rate", "mark_switches", "octets", "packets", "ssrc")
 
     def __init__(self, ssrc: int | None = None, clock_rate: int = 8000,
@@ -109,7 +113,7 @@ class RtpRewriter:
         self._ts_offset = 0
         self._last_out_ts: int | None = None
         self._last_wall = 0.0
-        self._pending_switch = False
+        self._mark_next = False
         self.packets = 0
         self.octets = 0
 
@@ -117,9 +121,14 @@ class RtpRewriter:
     def last_timestamp(self) -> int:
         return self._last_out_ts or 0
 
-    def rewrite(self, source: object, payload_type: int, marker: bool, timestamp: int,
-                payload: bytes, now: float | None = None, extension: bytes = b"") -> bytes:
-        """The packet to send for `payload` stamped `timestamp` by `source`."""
+    def mark_next(self) -> None:
+        """The next packet sent starts a talkspurt for the receiver (audio only): after a
+        hold, after DTMF events took the stream's place."""
+        if self.mark_switches:
+            self._mark_next = True
+
+    def stamp(self, source: object, timestamp: int, now: float | None = None) -> int:
+        """Our timestamp for `source`'s `timestamp`; the timeline moves on, nothing is sent."""
         if now is None:
             now = time.monotonic()
         if source != self._source:  # sources are SSRCs (ints) or marker objects
@@ -131,11 +140,20 @@ class RtpRewriter:
                 target = self._last_out_ts + gap
             self._ts_offset = (target - timestamp) & 0xFFFFFFFF
             self._source = source
-            marker = marker or self.mark_switches
+            self.mark_next()
         out_ts = (timestamp + self._ts_offset) & 0xFFFFFFFF
-        self._seq = (self._seq + 1) & 0xFFFF
         self._last_out_ts = out_ts
         self._last_wall = now
+        return out_ts
+
+    def rewrite(self, source: object, payload_type: int, marker: bool, timestamp: int,
+                payload: bytes, now: float | None = None, extension: bytes = b"") -> bytes:
+        """The packet to send for `payload` stamped `timestamp` by `source`."""
+        out_ts = self.stamp(source, timestamp, now)
+        if self._mark_next:
+            marker = True
+            self._mark_next = False
+        self._seq = (self._seq + 1) & 0xFFFF
         self.packets += 1
         self.octets += len(payload)
         if extension:
@@ -144,11 +162,52 @@ class RtpRewriter:
         return build(payload_type, marker, self._seq, out_ts, self.ssrc, payload)
 
     def inject(self, payload_type: int, marker: bool, timestamp: int, payload: bytes) -> bytes:
-        """A packet on our own timeline (DTMF events) in the same sequence space."""
+        """A packet on our own timeline (DTMF events) in the same sequence space; the
+        stream's next packet starts a new talkspurt."""
         self._seq = (self._seq + 1) & 0xFFFF
         self.packets += 1
         self.octets += len(payload)
+        self.mark_next()
         return build(payload_type, marker, self._seq, timestamp, self.ssrc, payload)
+
+
+class TalkSpurts:
+    """Where a sender's talkspurts start (RFC 3551 4.1: the marker bit's meaning for
+    audio), from its sequence numbers and timestamps. The sender's own marker bit is not
+    trusted: aiortc sets it on every packet, and a phone's jitter buffer re-syncs on each.
+
+    A talkspurt starts where the timestamps jump further than the sequence numbers account
+    for: the sender sent nothing for a while (DTX, silence suppression), so the receiver
+    may adjust its playout there. Lost packets move both together and mark nothing."""
+
+    __slots__ = ("_max_step", "_seq", "_step", "_ts")
+
+    def __init__(self, clock_rate: int) -> None:
+        self._max_step = clock_rate * 120 // 1000  # longest frame: 120 ms (Opus's maximum)
+        self._seq: int | None = None
+        self._ts = 0
+        self._step = 0  # the sender's timestamp step per packet, once seen
+
+    def starts(self, sequence: int, timestamp: int) -> int:
+        """0 if this packet continues the talkspurt, else the timestamp units of silence
+        before it (a talkspurt starts here). The stream's first packet is 0: the switch to
+        a new source marks it already."""
+        if self._seq is None:
+            self._seq, self._ts = sequence, timestamp
+            return 0
+        dseq = (sequence - self._seq) & 0xFFFF
+        if dseq == 0 or dseq >= 0x8000:
+            return 0  # a duplicate or a late packet: neither starts anything
+        dts = (timestamp - self._ts) & 0xFFFFFFFF
+        self._seq, self._ts = sequence, timestamp
+        if dts >= 0x80000000:
+            return 0  # timestamps went back: a new timeline, not silence
+        silence = 0
+        if self._step and 2 * dts > (2 * dseq + 1) * self._step:
+            silence = dts - dseq * self._step
+        if dseq == 1 and 0 < dts <= self._max_step:
+            self._step = dts
+        return silence
 
 
 class ReceiveStats:

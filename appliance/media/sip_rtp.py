@@ -6,14 +6,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Callable
 
+from appliance.media.datagrams import DROPS, fits
 from appliance.media.udp_send import DirectSender
+from appliance.sip.throttle import Tally
 
 log = logging.getLogger("appliance.rtp")
 
 Address = tuple[str, int]
 _ATTEMPTS = 64
+# A handler that trips on a datagram is a bug to fix, not a reason for a traceback per
+# packet: one line per interval for the whole process.
+_handler_errors = Tally(log, "phone-side RTP/RTCP datagrams a handler could not use",
+                        level=logging.WARNING)
 
 
 class _Receiver(asyncio.DatagramProtocol):
@@ -25,7 +32,14 @@ class _Receiver(asyncio.DatagramProtocol):
         self.transport = transport  # type: ignore[assignment]
 
     def datagram_received(self, data: bytes, addr: Address) -> None:
-        self.on_datagram(data, (addr[0], addr[1]))
+        if not fits(data):
+            return
+        try:
+            self.on_datagram(data, (addr[0], addr[1]))
+        except Exception as exc:  # hostile bytes must never escape into the loop
+            DROPS.malformed += 1
+            _handler_errors.note(time.monotonic(), (addr[0], addr[1]),
+                                 f"{type(exc).__name__}: {exc}")
 
     def error_received(self, exc: Exception) -> None:
         # ICMP port unreachable from a phone that has not opened its port yet: not fatal.

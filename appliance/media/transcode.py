@@ -2,6 +2,10 @@
 
 PCMU browsers never come here: their packets are relayed as they are. Each direction keeps
 its own codec state; frames are re-cut to 20 ms on the way out.
+
+Payloads come from the network: an empty one would be a flush for FFmpeg (the decoder then
+refuses every later packet with EOF: the call's audio is gone), garbage is a decode error.
+Both are dropped and counted; the stream goes on.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import fractions
 
 from av import AudioFrame, AudioResampler, CodecContext, Packet
+from av.error import FFmpegError
 
 OPUS_RATE = 48000
 OPUS_FRAME = 960  # 20 ms
@@ -20,6 +25,7 @@ class OpusToPcmu:
     """Browser Opus payloads in, 20 ms PCMU payloads out."""
 
     def __init__(self) -> None:
+        self.bad_payloads = 0  # undecodable payloads dropped
         self._decoder = CodecContext.create("libopus", "r")
         self._decoder.format = "s16"
         self._decoder.layout = "stereo"
@@ -33,8 +39,15 @@ class OpusToPcmu:
         self._encoder.time_base = fractions.Fraction(1, PCMU_RATE)
 
     def feed(self, payload: bytes) -> list[bytes]:
+        if not payload:
+            return []
         out: list[bytes] = []
-        for frame in self._decoder.decode(Packet(payload)):
+        try:
+            frames = self._decoder.decode(Packet(payload))
+        except FFmpegError:
+            self.bad_payloads += 1
+            return out
+        for frame in frames:
             for chunk in self._resampler.resample(frame):
                 out += [bytes(p) for p in self._encoder.encode(chunk)]
         return out
@@ -44,6 +57,7 @@ class PcmuToOpus:
     """20 ms PCMU payloads in (phone, or ringback), 20 ms Opus payloads out."""
 
     def __init__(self) -> None:
+        self.bad_payloads = 0
         self._decoder = CodecContext.create("pcm_mulaw", "r")
         self._decoder.layout = "mono"
         self._decoder.sample_rate = PCMU_RATE
@@ -58,8 +72,15 @@ class PcmuToOpus:
         self._encoder.options = {"application": "voip"}
 
     def feed(self, payload: bytes) -> list[bytes]:
+        if not payload:
+            return []
         out: list[bytes] = []
-        for frame in self._decoder.decode(Packet(payload)):
+        try:
+            frames = self._decoder.decode(Packet(payload))
+        except FFmpegError:
+            self.bad_payloads += 1
+            return out
+        for frame in frames:
             assert isinstance(frame, AudioFrame)
             for chunk in self._resampler.resample(frame):
                 out += [bytes(p) for p in self._encoder.encode(chunk)]

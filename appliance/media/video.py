@@ -31,6 +31,11 @@ class VideoSink:
     ssrc: int  # our video sender's SSRC on that leg (its a=ssrc)
     payload_type: int  # VP8's payload type on that leg
     abs_send_time_id: int | None = None  # negotiated on that leg: lets it send REMB
+    # The leg's one outgoing video stream, kept across its successive sources (a second
+    # agent page after the first left): sequence numbers and timestamps go on, since SRTP
+    # refuses to protect a sequence number it has passed (a "replay") and a jump back
+    # would leave the browser's picture frozen.
+    rewriter: rtp.RtpRewriter | None = None
 
 
 class VideoPath:
@@ -59,7 +64,9 @@ class VideoPath:
     def connect(self, sink: VideoSink) -> None:
         """The other party joined: start forwarding, from a keyframe."""
         self.sink = sink
-        self.rewriter = rtp.RtpRewriter(sink.ssrc, VIDEO_CLOCK, mark_switches=False)
+        if sink.rewriter is None:
+            sink.rewriter = rtp.RtpRewriter(sink.ssrc, VIDEO_CLOCK, mark_switches=False)
+        self.rewriter = sink.rewriter
         self._cache = [None] * NACK_CACHE
         self.awaiting_keyframe = True
         self.request_keyframe(force=True)

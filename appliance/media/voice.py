@@ -2,7 +2,12 @@
 
 Packets are relayed as they are when the browser speaks PCMU: new SSRC and payload type,
 continuous sequence numbers and timestamps across ringback -> early media -> answered
-audio, marker bit at each switch. Only a browser that insists on Opus is transcoded.
+audio, across a hold and DTMF events. The marker bit is ours, not the sender's: set at
+each source switch and at the start of a talkspurt (rtp.TalkSpurts). Only a browser that
+insists on Opus is transcoded.
+
+Only the phone's RTP and RTCP are taken from the phone's socket pair: the source address
+must be the one its SDP gave (rtp_source.PeerFilter); anything else is counted and dropped.
 """
 
 from __future__ import annotations
@@ -16,11 +21,14 @@ from typing import TYPE_CHECKING
 
 from appliance.media import rtp
 from appliance.media.conditions import opus_has_sound, pcmu_has_sound
+from appliance.media.datagrams import DROPS
 from appliance.media.dtmf import EventDetector, key_packets
 from appliance.media.quality import StreamMeter
 from appliance.media.ringback import Cadence, Ringback
+from appliance.media.rtp_source import PeerFilter
 from appliance.media.sip_rtp import Address, RtpSocketPair
 from appliance.media.transcode import OpusToPcmu, PcmuToOpus
+from appliance.sip.throttle import Tally
 
 if TYPE_CHECKING:
     from appliance.recording.capture import CallRecorder
@@ -56,6 +64,8 @@ class VoiceBridge:
         on_dtmf: Callable[[str], None],
         cadence: Cadence | None = None,
         cname: str = "appliance",
+        latching: bool = False,
+        label: str = "",
     ) -> None:
         self.browser = browser
         self.phone = phone
@@ -66,6 +76,13 @@ class VoiceBridge:
         self.browser_meter = StreamMeter(browser.clock_rate)
         self.phone_meter = StreamMeter(8000)
         self.phone_event_pt: int | None = None
+        self.phone_source = PeerFilter(latching)
+        # One line per call per interval however fast a stranger sprays the port.
+        self._refusals = Tally(log, f"{label}RTP/RTCP not from the phone's SDP address")
+        self._held = False
+        self._from_browser_spurts = rtp.TalkSpurts(browser.clock_rate)
+        self._from_phone_spurts = rtp.TalkSpurts(8000)
+        self._to_browser_mark = False
         self._dtmf_in = EventDetector()
         self._cadence = cadence or Cadence()
         self._ringback: Ringback | None = None
@@ -106,12 +123,20 @@ class VoiceBridge:
         self._ringback = None
 
     def phone_sdp(self, host: str, port: int, event_pt: int | None, hold: bool = False) -> None:
-        """Where the phone wants its RTP (183/200 SDP, or a re-INVITE moving it). On hold
-        (sendonly, inactive, c=0.0.0.0) the phone wants nothing from us: stop sending."""
+        """Where the phone wants its RTP and sends its own from (183/200 SDP, or a
+        re-INVITE of the dialog moving it). On hold (sendonly, inactive, c=0.0.0.0) the
+        phone wants nothing from us: stop sending, with no gap in our sequence numbers."""
+        self.phone_source.expect(host, port)
         if hold:
             self.phone.remote_rtp = None
         else:
+            if self._held:
+                self.to_phone.mark_next()  # after the hold, a new talkspurt for the phone
             self.phone.set_remote(host, port)
+            latched = self.phone_source.latched_rtp()
+            if latched is not None:
+                self.phone.remote_rtp = latched
+        self._held = hold
         self.phone_event_pt = event_pt
 
     def answered(self) -> None:
@@ -120,13 +145,14 @@ class VoiceBridge:
     def _tick(self) -> None:
         if self._ringback is None or self._closed:
             return
-        ts, payload = self._ringback.next_frame()
-        self._to_browser_pcmu(_RINGBACK, ts, payload)
         loop = asyncio.get_running_loop()
-        # Schedule against the ideal time so the tone does not drift with loop latency.
+        # Schedule against the ideal time so the tone does not drift with loop latency;
+        # re-armed before the frame goes out, so a failing send cannot stop the tone.
         self._next_tick += FRAME_SECONDS
         delay = max(0.0, self._next_tick - loop.time())
         self._ringback_timer = loop.call_later(delay, self._tick)
+        ts, payload = self._ringback.next_frame()
+        self._to_browser_pcmu(_RINGBACK, ts, payload)
 
     # -- browser -> phone ----------------------------------------------------------------
 
@@ -142,26 +168,51 @@ class VoiceBridge:
             self.last_sound_at = now
         if now < self._dtmf_busy_until:
             return  # a key press is on the wire in this stream's place
+        silence = self._from_browser_spurts.starts(header.sequence, header.timestamp)
         if self._opus_to_pcmu is None:
-            out = self.to_phone.rewrite(header.ssrc, PCMU_PT, header.marker, header.timestamp,
-                                        payload, now)
-            self._to_phone_ts = self.to_phone.last_timestamp
-            self.phone.send_rtp(out)
-            if self.recorder is not None:
-                self.recorder.customer_audio(self._to_phone_ts, payload)
+            self._to_phone(header.ssrc, header.timestamp, payload, silence > 0, now)
             return
+        if silence:  # our own timeline jumps over the sender's silence too (in 8 kHz units)
+            self._transcoded_ts = (self._transcoded_ts + silence // 6) & 0xFFFFFFFF
         for frame in self._opus_to_pcmu.feed(payload):
             self._transcoded_ts = (self._transcoded_ts + 160) & 0xFFFFFFFF
-            out = self.to_phone.rewrite(header.ssrc, PCMU_PT, False, self._transcoded_ts,
-                                        frame, now)
+            self._to_phone(header.ssrc, self._transcoded_ts, frame, silence > 0, now)
+            silence = 0
+
+    def _to_phone(self, source: int, timestamp: int, payload: bytes, spurt: bool,
+                  now: float) -> None:
+        if self.phone.remote_rtp is None:
+            # On hold (or no SDP yet): not sent, so no sequence number is used up; the
+            # timeline still moves with the clock for the recording and the resume.
+            self._to_phone_ts = self.to_phone.stamp(source, timestamp, now)
+        else:
+            out = self.to_phone.rewrite(source, PCMU_PT, spurt, timestamp, payload, now)
             self._to_phone_ts = self.to_phone.last_timestamp
             self.phone.send_rtp(out)
-            if self.recorder is not None:
-                self.recorder.customer_audio(self._to_phone_ts, frame)
+        if self.recorder is not None:
+            self.recorder.customer_audio(self._to_phone_ts, payload)
 
     # -- phone -> browser ----------------------------------------------------------------
 
+    def _refused(self, kind: str, addr: Address) -> None:
+        DROPS.refused_source += 1
+        expected = self.phone_source.expected(rtcp=kind == "RTCP")
+        detail = (f"{kind}, the phone's SDP says {expected[0]}:{expected[1]}"
+                  if expected is not None else f"{kind}, no SDP from the phone yet")
+        self._refusals.note(time.monotonic(), addr, detail)
+
+    @property
+    def refused_source(self) -> int:
+        """Datagrams this call refused: not from the address the phone's SDP gave."""
+        return self.phone_source.refused
+
     def from_phone(self, packet: bytes, addr: Address) -> None:
+        if not self.phone_source.accept_rtp(addr):
+            self._refused("RTP", addr)
+            return
+        latched = self.phone_source.latched_rtp()
+        if latched is not None and not self._held and self.phone.remote_rtp != latched:
+            self.phone.remote_rtp = latched  # symmetric RTP: answer where it comes from
         header = rtp.parse_header(packet)
         if header is None:
             return
@@ -179,22 +230,28 @@ class VoiceBridge:
         payload = rtp.payload_of(packet, header)
         if self.recorder is not None:
             self.recorder.phone_audio(header.timestamp, payload)
-        self._to_browser_pcmu(header.ssrc, header.timestamp, payload)
+        silence = self._from_phone_spurts.starts(header.sequence, header.timestamp)
+        self._to_browser_pcmu(header.ssrc, header.timestamp, payload, silence)
 
-    def _to_browser_pcmu(self, source: object, timestamp: int, payload: bytes) -> None:
+    def _to_browser_pcmu(self, source: object, timestamp: int, payload: bytes,
+                         silence: int = 0) -> None:
         if self._pcmu_to_opus is None:
             self.browser.send(
-                self.to_browser.rewrite(source, self.browser.payload_type, False, timestamp,
-                                        payload)
+                self.to_browser.rewrite(source, self.browser.payload_type, silence > 0,
+                                        timestamp, payload)
             )
             return
+        if silence:
+            self._opus_out_ts = (self._opus_out_ts + 6 * silence) & 0xFFFFFFFF
+            self._to_browser_mark = True
         for frame in self._pcmu_to_opus.feed(payload):
             # 20 ms of Opus at 48 kHz per frame; the source switch logic keeps continuity.
             self._opus_out_ts = (self._opus_out_ts + 960) & 0xFFFFFFFF
             self.browser.send(
-                self.to_browser.rewrite(source, self.browser.payload_type, False,
-                                        self._opus_out_ts, frame)
+                self.to_browser.rewrite(source, self.browser.payload_type,
+                                        self._to_browser_mark, self._opus_out_ts, frame)
             )
+            self._to_browser_mark = False
 
     # -- DTMF towards the phone ----------------------------------------------------------
 
@@ -223,6 +280,12 @@ class VoiceBridge:
     def _send_rtcp(self) -> None:
         if self._closed:
             return
+        # Re-arm first: a report that fails must not end the call's RTCP for good.
+        self._rtcp_timer = asyncio.get_running_loop().call_later(RTCP_INTERVAL, self._send_rtcp)
+        now = time.monotonic()
+        due = self._refusals.deadline()
+        if due is not None and now >= due:
+            self._refusals.flush(now)  # the summary of refusals once the attack stops
         stats = self.phone_meter.rtp
         blocks = [stats.report_block()] if stats.received else []
         self.phone.send_rtcp(
@@ -235,9 +298,14 @@ class VoiceBridge:
                 cname=self.cname,
             )
         )
-        self._rtcp_timer = asyncio.get_running_loop().call_later(RTCP_INTERVAL, self._send_rtcp)
 
     def from_phone_rtcp(self, packet: bytes, addr: Address) -> None:
+        if not self.phone_source.accept_rtcp(addr):
+            self._refused("RTCP", addr)
+            return
+        latched = self.phone_source.latched_rtcp()
+        if latched is not None:
+            self.phone.remote_rtcp = latched
         # Kept for quality stats; the phone's reports about our stream live here.
         self.last_phone_rtcp = packet
 

@@ -136,3 +136,28 @@ def test_transcoders_keep_20ms_framing() -> None:
     assert len(opus) >= 48
     pcmu = [p for o in opus for p in to_pcmu.feed(o)]
     assert len(pcmu) >= 47 and {len(p) for p in pcmu} == {160}
+
+
+def test_talkspurts_start_after_silence_not_after_loss_or_reordering() -> None:
+    spurts = rtp.TalkSpurts(8000)
+    feed = [(1, 0), (2, 160), (4, 480),  # one packet lost: both moved by two
+            (3, 320),  # late: starts nothing
+            (5, 640), (6, 640 + 160 + 8000),  # a second of DTX
+            (7, 640 + 320 + 8000), (7, 640 + 320 + 8000)]  # a duplicate
+    assert [spurts.starts(seq, ts) for seq, ts in feed] == [0, 0, 0, 0, 0, 8000, 0, 0]
+    wrap = rtp.TalkSpurts(8000)
+    assert [wrap.starts(s, t) for s, t in ((65535, 2**32 - 160), (0, 0), (1, 160))] == [0, 0, 0]
+
+
+def test_stamp_moves_the_timeline_without_using_a_sequence_number() -> None:
+    rw = rtp.RtpRewriter(ssrc=1, clock_rate=8000)
+    first = RtpPacket.parse(rw.rewrite(7, 0, False, 0, b"x", now=0.0))
+    for i in range(1, 50):  # held: stamped, not sent
+        rw.stamp(7, 160 * i, now=0.02 * i)
+    rw.mark_next()
+    resumed = RtpPacket.parse(rw.rewrite(7, 0, False, 160 * 50, b"x", now=1.0))
+    assert (resumed.sequence_number - first.sequence_number) & 0xFFFF == 1
+    assert (resumed.timestamp - first.timestamp) & 0xFFFFFFFF == 8000
+    assert (first.marker, resumed.marker) == (1, 1)
+    video = rtp.RtpRewriter(ssrc=2, clock_rate=90000, mark_switches=False)
+    assert RtpPacket.parse(video.rewrite(9, 96, False, 0, b"v")).marker == 0
