@@ -9,6 +9,10 @@ is retried, up to ``attempts`` in all, sleeping ``backoff``, ``2*backoff``, ... 
 them; then ``ApsUnavailable`` is raised. Any other answer is final. Retrying verify is
 safe because AP-S must answer a repeated (appliance_id, dialogid, ref) with the same
 roomkey.
+
+AP-S is trusted no more than the network it sits on: answers are read up to
+``MAX_ANSWER_BYTES``, and a roomkey outside 0..2^63-1 is an unusable answer. With an API
+token configured, every request carries ``Authorization: Bearer <token>``.
 """
 
 from __future__ import annotations
@@ -16,17 +20,27 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import TYPE_CHECKING, Any, Literal, Self
 
 import aiohttp
+
+from appliance.aps.token_file import TokenFileError, read_token
+
+if TYPE_CHECKING:
+    from appliance.config import Config
 
 log = logging.getLogger("appliance.aps_client")
 
 # The notify message becomes the value of a WebSocket `message` action, and the
 # protocol caps every value at 128 bytes.
 MAX_MESSAGE_BYTES = 128
+MAX_ANSWER_BYTES = 64 * 1024  # a verify answer is ~200 bytes; never buffer a flood
+MAX_UINT = 2**63 - 1  # docs/aps-api.md: integers fit in 63 bits
+MAX_APPLIANCE_ID_CHARS = 128
 
 CallEventKind = Literal["answered", "released"]
 
@@ -41,6 +55,10 @@ class ApsUnavailable(ApsError):
     def __init__(self, detail: str) -> None:
         super().__init__(detail)
         self.detail = detail
+
+
+class ApsConfigError(ApsError):
+    """The API token file named in the config cannot be used."""
 
 
 class VerifyRejected(ApsError):
@@ -83,9 +101,13 @@ class ApsClient:
         timeout: float = 2.0,
         attempts: int = 3,
         backoff: float = 0.2,
+        api_token: str | None = None,
     ) -> None:
         if attempts < 1:
             raise ValueError("attempts must be at least 1")
+        self._headers = {"Content-Type": "application/json; charset=utf-8"}
+        if api_token:
+            self._headers["Authorization"] = f"Bearer {api_token}"
         # Plain concatenation, not URL joining: a base like http://host/aps keeps its path.
         self.base_url = base_url.rstrip("/")
         self.appliance_id = appliance_id
@@ -94,6 +116,17 @@ class ApsClient:
         self.backoff = backoff
         self._session: aiohttp.ClientSession | None = None
         self._call_event_missing_logged = False
+
+    @classmethod
+    def from_config(cls, config: Config) -> ApsClient:
+        """The client the config describes, with its API token (see `api_token_path`)."""
+        path = api_token_path(config)
+        try:
+            token = None if path is None else read_token(path)
+        except TokenFileError as exc:
+            raise ApsConfigError(f"[aps] api_token_file: {exc}") from None
+        return cls(config.aps.url, config.appliance.id, timeout=config.aps.timeout,
+                   attempts=config.aps.attempts, api_token=token)
 
     async def start(self) -> None:
         if self._session is None:
@@ -235,12 +268,34 @@ class ApsClient:
 
     async def _post_once(self, url: str, payload: bytes) -> _Answer:
         assert self._session is not None
-        headers = {"Content-Type": "application/json; charset=utf-8"}
         # allow_redirects=False: a redirected POST may silently turn into a GET.
         async with self._session.post(
-            url, data=payload, headers=headers, allow_redirects=False
+            url, data=payload, headers=self._headers, allow_redirects=False
         ) as resp:
-            return _Answer(status=resp.status, body=await resp.read())
+            return _Answer(status=resp.status, body=await _read_bounded(resp, url))
+
+
+def api_token_path(config: Config) -> Path | None:
+    """[aps] api_token_file, or data_dir/aps/api-token if it exists, or None (no header)."""
+    if config.aps.api_token_file:
+        return Path(config.aps.api_token_file).resolve()
+    default = config.data_path / "aps" / "api-token"
+    return default if os.path.lexists(default) else None
+
+
+async def _read_bounded(resp: aiohttp.ClientResponse, url: str) -> bytes:
+    """The body, or b"" (an unusable answer) when it is longer than MAX_ANSWER_BYTES."""
+    if (resp.content_length or 0) > MAX_ANSWER_BYTES:
+        log.warning("AP-S %s answered %d bytes; ignored (limit %d)", url,
+                    resp.content_length, MAX_ANSWER_BYTES)
+        return b""
+    body = bytearray()
+    while chunk := await resp.content.read(MAX_ANSWER_BYTES + 1 - len(body)):
+        body += chunk
+        if len(body) > MAX_ANSWER_BYTES:
+            log.warning("AP-S %s answered more than %d bytes; ignored", url, MAX_ANSWER_BYTES)
+            return b""
+    return bytes(body)
 
 
 # -- answer parsing -------------------------------------------------------------------------
@@ -266,13 +321,13 @@ def _reason(data: dict[str, Any] | None) -> str | None:
 
 
 def _as_uint(value: Any) -> int | None:
-    """An unsigned int, from a number or a numeric string (as the protocol allows)."""
+    """An unsigned 63-bit int, from a number or a numeric string (as the protocol allows)."""
     if isinstance(value, bool):
         return None
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 19:
+        value = int(value)  # isascii(): "²".isdigit() is true, but int() refuses it
     if isinstance(value, int):
-        return value if value >= 0 else None
-    if isinstance(value, str) and value.isdigit():
-        return int(value)
+        return value if 0 <= value <= MAX_UINT else None
     return None
 
 
@@ -293,7 +348,8 @@ def _notify(value: Any) -> Notify | None:
     ms = value.get("ms") if isinstance(value, dict) else None
     message = value.get("message") if isinstance(value, dict) else None
     roomkey = _as_uint(value.get("roomkey")) if isinstance(value, dict) else None
-    if not isinstance(ms, str) or not ms or not isinstance(message, str) or roomkey is None:
+    if not isinstance(ms, str) or not 0 < len(ms) <= MAX_APPLIANCE_ID_CHARS \
+            or not isinstance(message, str) or roomkey is None:
         log.warning("AP-S verify answer has a malformed notify, ignored: %r", value)
         return None
     return Notify(ms=ms, message=_truncate_utf8(message, MAX_MESSAGE_BYTES), roomkey=roomkey)

@@ -61,6 +61,9 @@ class WebRtcLeg:
         self.connected_at: float | None = None
         self.audio: CodecChoice | None = None
         self.video: CodecChoice | None = None
+        # Where relayed video for this browser goes: one per leg, since it carries the
+        # outgoing stream's sequence numbers and timestamps across successive sources.
+        self._video_sink: VideoSink | None = None
         self.abs_send_time_id: int | None = None
         self.fast_path: SrtpFastPath | None = None
         # Consumers of this browser's packets, by payload type, and of its RTCP feedback.
@@ -103,7 +106,10 @@ class WebRtcLeg:
         except Exception:  # never let one call take the worker down
             log.exception("channel %d: call setup failed", self.channel)
             if self.machine.live:
-                self._apply(Event.SDP_REFUSED, "internal error")
+                # PEER_GONE: the one event that releases, with the cause given, from every
+                # live state (SDP_REFUSED exists only while answering).
+                self._apply(Event.PEER_GONE,
+                            release=Release(p.CAUSE_TEMPORARY_FAILURE, "internal error"))
 
     async def _answer(self) -> None:
         assert self.offer.offer is not UNSET
@@ -174,8 +180,10 @@ class WebRtcLeg:
     def video_sink(self) -> VideoSink:
         """Where relayed video for this browser goes."""
         assert self.video is not None
-        return VideoSink(self.send_rtp, self.our_ssrc("video"), self.video.payload_type,
-                         self.abs_send_time_id)
+        if self._video_sink is None:
+            self._video_sink = VideoSink(self.send_rtp, self.our_ssrc("video"),
+                                         self.video.payload_type, self.abs_send_time_id)
+        return self._video_sink
 
     def our_ssrc(self, kind: str) -> int:
         assert self.pc is not None
@@ -257,6 +265,7 @@ class WebRtcLeg:
         log.info("channel %d: DTLS connected %.0f ms after offer (%s leg)", self.channel,
                  setup_ms, self.module)
         self.worker.metrics_setup_ms.append(setup_ms)
+        self.worker.send(bus.CallConnected(self.channel))  # setup over: admission counts it
         for timer in self._timers:
             timer.cancel()
         self._timers.clear()

@@ -1,6 +1,12 @@
 """The customer's call: AP-S verify, the WebRTC leg, then the desk phone over SIP.
 
 The room it opens is where the agent's video leg joins it later.
+
+Every call AP-S verified ends with exactly one release report and EndCall, whatever ends
+it and whenever: the verify request runs as a task of its own that the call's teardown
+never cancels (a cancelled request may already have made AP-S issue a roomkey whose answer
+we would then never read), and the teardown waits for it, channel still booked, before it
+frees the channel and reports.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from msgspec import UNSET
 
 from appliance import bus
 from appliance import protocol as p
-from appliance.aps_client import ApsUnavailable, VerifyRejected
+from appliance.aps_client import ApsUnavailable, VerifyRejected, VerifyResult
 from appliance.call_state import Event, Release, State
 from appliance.recording.capture import CallRecorder
 from appliance.tasks import spawn
@@ -40,22 +46,31 @@ class UserCall(WebRtcLeg):
         self.room: Room | None = None
         self.sip: SipLeg | None = None
         self._rtcp_sync: asyncio.TimerHandle | None = None
+        self._verify: asyncio.Task[VerifyResult] | None = None
 
     # -- AP-S -----------------------------------------------------------------------------
 
-    async def _before_answer(self) -> None:
+    async def _verify_with_aps(self) -> VerifyResult:
         offer = self.offer
+        result = await self.worker.aps.verify(
+            channel=self.channel,
+            dialogid=offer.dialogid,
+            ref=offer.ref,
+            caller=_opt(offer.caller),
+            callee=_opt(offer.callee),
+            userdata=_opt(offer.userdata) or "",
+            suid=_opt(offer.suid),
+            module=offer.module,
+        )
+        # Kept at once, even if the call is already over: the teardown reports its end.
+        self.roomkey = result.roomkey
+        return result
+
+    async def _before_answer(self) -> None:
+        self._verify = asyncio.create_task(self._verify_with_aps(), name=f"verify-{self.channel}")
         try:
-            result = await self.worker.aps.verify(
-                channel=self.channel,
-                dialogid=offer.dialogid,
-                ref=offer.ref,
-                caller=_opt(offer.caller),
-                callee=_opt(offer.callee),
-                userdata=_opt(offer.userdata) or "",
-                suid=_opt(offer.suid),
-                module=offer.module,
-            )
+            # shield: the teardown cancels this setup task, never the request itself.
+            result = await asyncio.shield(self._verify)
         except VerifyRejected as exc:
             log.info("channel %d: AP-S refused the user: %s", self.channel, exc)
             self._apply(Event.VERIFY_REJECTED)
@@ -70,8 +85,7 @@ class UserCall(WebRtcLeg):
             n = result.notify
             self.worker.send(bus.NotifyPeer(n.ms, n.roomkey, n.message))
         if not self.machine.live:  # the browser hung up while AP-S was thinking
-            return
-        self.roomkey = result.roomkey
+            return  # the teardown reports the end of this roomkey
         self.room = Room(result.roomkey, self)
         self.worker.rooms[result.roomkey] = self.room
         self.worker.send(bus.RoomOpened(self.channel, result.roomkey))
@@ -138,8 +152,9 @@ class UserCall(WebRtcLeg):
 
     def _schedule_rtcp_sync(self) -> None:
         if self.sip is not None and self.machine.live:
-            self.sip.sync_rtcp()
+            # Re-armed first: one failed sync must not stop the call's sender reports.
             self._rtcp_sync = asyncio.get_running_loop().call_later(1.0, self._schedule_rtcp_sync)
+            self.sip.sync_rtcp()
 
     # -- SipLegOwner ------------------------------------------------------------------------
 
@@ -155,6 +170,8 @@ class UserCall(WebRtcLeg):
             spawn(self.worker.report_answered(self.roomkey))
 
     def sip_failed(self, cause: int, causestring: str) -> None:
+        if self.machine.state is State.ANSWERED:  # the phone left an answered call
+            self.send(self._audio_peerdata("Leave"))
         self._apply(Event.SIP_FAILED, release=Release(cause, causestring))
 
     def sip_hangup(self) -> None:
@@ -197,10 +214,17 @@ class UserCall(WebRtcLeg):
         if self.room is not None:
             self.room.user_ended()
 
+    async def _teardown(self, release: Release) -> None:
+        # The channel, and with it the call's setup slot, stays booked until a verify in
+        # flight settles: that is what bounds the AP-S requests in flight ([admission]
+        # max_setup_*), however fast a client opens offers and closes the tab.
+        await self._verify_settled()
+        await super()._teardown(release)
+
     async def _after_teardown(self, release: Release) -> None:
         if self.roomkey is None:
             return
-        if self.worker.rooms.get(self.roomkey) is self.room:
+        if self.room is not None and self.worker.rooms.get(self.roomkey) is self.room:
             del self.worker.rooms[self.roomkey]
         recorder = self.room.recorder if self.room is not None else None
         if recorder is not None:
@@ -212,3 +236,23 @@ class UserCall(WebRtcLeg):
                 log.exception("channel %d: closing the recording failed", self.channel)
         await self.worker.report_released(self.roomkey, release.cause, release.causestring,
                                           recorded=recorder is not None)
+
+    async def _verify_settled(self) -> None:
+        """Wait for a verify still in flight: its roomkey, if AP-S issues one, must be ended.
+
+        Bounded by the AP-S client's own timeout and attempts; its failure was already
+        handled (or no longer matters) by the time the call is torn down.
+        """
+        verify = self._verify
+        if verify is None or verify.done():
+            if verify is not None and not verify.cancelled():
+                verify.exception()  # retrieved: no "exception was never retrieved" noise
+            return
+        log.info("channel %d: released while AP-S verifies; waiting for its answer to close "
+                 "the call record", self.channel)
+        try:
+            await verify
+        except (VerifyRejected, ApsUnavailable):
+            pass  # no roomkey was issued, or none we can know of
+        except Exception:
+            log.exception("channel %d: AP-S verify failed", self.channel)

@@ -4,6 +4,11 @@ It verifies users and issues roomkeys (Flow 1 step 2), detects duplicate logins 
 appliances (Flow 3) and records the call-detail reports the appliance sends (Flow 2).
 The HTTP contract is documented for integrators in docs/aps-api.md.
 
+Every endpoint wants ``Authorization: Bearer <API token>`` when the AP-S is given a token
+(the command line always gives one: the token file next to the database, created 0600 on
+first start). With an agent-token secret it also issues, with each roomkey, the token that
+admits the agent's video leg (``appliance.agent_token``), and serves the agent's page link.
+
 Run it with ``python -m appliance.aps.server --port 8480 --db data/aps/aps.sqlite3``.
 """
 
@@ -12,19 +17,24 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import hmac
+import ipaddress
 import json
 import logging
 import signal
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
-from urllib.parse import parse_qs, unquote
+from urllib.parse import parse_qs, quote, unquote
 
 import msgspec
 from aiohttp import web
 
+from appliance import agent_token
 from appliance.aps.store import IdentityBlocked, Store, VerifyOutcome, VerifyRequest
+from appliance.aps.token_file import TokenFileError, load_or_create_token
 
 log = logging.getLogger("appliance.aps")
 
@@ -34,6 +44,11 @@ DEFAULT_DUPLICATE_MESSAGE = "重複登入: 您的帳號已在另一裝置登入"
 MAX_MESSAGE_BYTES = 128
 MAX_CDR_LIMIT = 1000
 DEFAULT_CDR_LIMIT = 50
+DEFAULT_AGENT_TOKEN_TTL = 2 * 3600.0  # longer than a call; /agent-link issues a fresh one
+DEFAULT_AGENT_PAGE_URL = "https://127.0.0.1:4433/AgentVideo.html"
+TOKEN_FILE_NAME = "api-token"  # next to the database unless told otherwise
+# Requests refused for a missing or wrong API token: one log line per window, then a count.
+REFUSAL_LOG_INTERVAL = 10.0
 
 # SQLite INTEGER is a signed 64-bit value; anything larger would fail at insert time.
 UInt = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
@@ -92,8 +107,63 @@ class ApiError(Exception):
 # curl output should see it rather than \\u escapes.
 _dumps = functools.partial(json.dumps, ensure_ascii=False, separators=(",", ":"))
 
+
+@dataclass(frozen=True, slots=True)
+class AgentLinks:
+    """Where an agent's PC joins a call: the appliance's AgentVideo.html, and with a secret
+    shared with the appliance ([aps] agent_token_secret_file) the token that admits it."""
+
+    page_url: str = DEFAULT_AGENT_PAGE_URL
+    secret: bytes | None = None
+    ttl: float = DEFAULT_AGENT_TOKEN_TTL
+
+    def token(self, roomkey: int, now: float) -> str | None:
+        return None if self.secret is None else agent_token.issue(self.secret, roomkey, now,
+                                                                  self.ttl)
+
+    def url(self, roomkey: int, token: str | None) -> str:
+        url = f"{self.page_url}?roomkey={roomkey}"
+        return url if token is None else f"{url}&token={quote(token, safe='')}"
+
+
+@dataclass(slots=True)
+class _Guard:
+    """The API token, and the count of requests refused for want of it."""
+
+    token: str | None
+    refused: int = 0
+    _unlogged: int = 0
+    _logged_at: float = field(default=float("-inf"))
+
+    def admits(self, request: web.Request) -> bool:
+        if self.token is None:
+            return True
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        # compare_digest: the time taken says nothing about how much of a guess was right.
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            given.strip().encode(), self.token.encode())
+
+    def note_refusal(self, line: str) -> None:
+        """Anyone can send these at line rate: log the first, then a count per window."""
+        self.refused += 1
+        self._unlogged += 1
+        now = time.monotonic()
+        if now - self._logged_at < REFUSAL_LOG_INTERVAL:
+            return
+        more = f" ({self._unlogged - 1} more since the last such line)" if self._unlogged > 1 \
+            else ""
+        log.warning("%s: refused, missing or wrong API token%s; %d refused in all", line,
+                    more, self.refused)
+        self._logged_at, self._unlogged = now, 0
+
+
+OnVerified = Callable[[int, str], None]  # (roomkey, agent page URL) of a new call
+
 STORE_KEY = web.AppKey("aps_store", Store)
 MESSAGE_KEY = web.AppKey("aps_duplicate_message", str)
+GUARD_KEY = web.AppKey("aps_guard", _Guard)
+AGENT_KEY = web.AppKey("aps_agent_links", AgentLinks)
+ON_VERIFIED_KEY = web.AppKey("aps_on_verified", list)
 # What the handler did, appended to the one log line the middleware writes per request.
 SUMMARY_KEY = web.RequestKey("aps_summary", str)
 
@@ -190,11 +260,20 @@ async def handle_verify(request: web.Request) -> web.Response:
         request[SUMMARY_KEY] = f"{call} identity={mask_identity(identity)}: refused, blocked"
         return _json({"result": "error", "reason": "identity blocked"})
     request[SUMMARY_KEY] = f"{call} identity={mask_identity(identity)}: " + _describe(outcome)
-    return _json(_verify_answer(outcome, request.app[MESSAGE_KEY]))
+    agent = request.app[AGENT_KEY]
+    token = agent.token(outcome.roomkey, time.time())
+    if outcome.created:
+        for on_verified in request.app[ON_VERIFIED_KEY]:
+            on_verified(outcome.roomkey, agent.url(outcome.roomkey, token))
+    return _json(_verify_answer(outcome, request.app[MESSAGE_KEY], token))
 
 
-def _verify_answer(outcome: VerifyOutcome, message: str) -> dict[str, Any]:
+def _verify_answer(outcome: VerifyOutcome, message: str, token: str | None) -> dict[str, Any]:
     answer: dict[str, Any] = {"result": "success", "roomkey": outcome.roomkey}
+    if token is not None:
+        # For the integrator's agent desktop; the appliance ignores it (it checks the
+        # token the agent's page sends in its offer).
+        answer["agent_token"] = token
     if outcome.duplicate is not None:
         answer["notify"] = {
             "ms": outcome.duplicate.appliance_id,
@@ -255,8 +334,31 @@ async def handle_cdr(request: web.Request) -> web.Response:
     else:
         limit = _query_int(request, "limit", 1, MAX_CDR_LIMIT, DEFAULT_CDR_LIMIT)
         calls = store.recent_calls(limit)
+    for row in calls:
+        # National IDs are personal data; whoever reads call records needs no more than this.
+        row["identity"] = mask_identity(row["identity"])
     request[SUMMARY_KEY] = f"{len(calls)} call(s)"
     return _json({"calls": calls})
+
+
+async def handle_agent_link(request: web.Request) -> web.Response:
+    """The agent's page link for a live call, with a fresh agent token when one is issued."""
+    roomkey = _query_int(request, "roomkey", 0, 2**63 - 1)
+    row = request.app[STORE_KEY].get_call(roomkey)
+    if row is None:
+        raise ApiError(404, "unknown roomkey")
+    if not row["live"]:
+        raise ApiError(410, "the call has ended")
+    agent = request.app[AGENT_KEY]
+    now = time.time()
+    token = agent.token(roomkey, now)
+    request[SUMMARY_KEY] = f"roomkey {roomkey}: agent link" + (" with token" if token else "")
+    return _json({
+        "roomkey": roomkey,
+        "url": agent.url(roomkey, token),
+        "token": token,
+        "expires": None if token is None else int(now + agent.ttl),
+    })
 
 
 def _query_int(
@@ -283,6 +385,12 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 async def _log_and_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """One readable log line per request; ApiError and crashes become JSON answers."""
     started = time.perf_counter()
+    guard = request.app[GUARD_KEY]
+    if not guard.admits(request):
+        guard.note_refusal(f"{request.remote} {request.method} {request.path}")
+        response = _error(401, "missing or wrong API token")
+        response.headers["WWW-Authenticate"] = 'Bearer realm="aps"'
+        return response
     try:
         response = await handler(request)
     except ApiError as exc:
@@ -308,21 +416,36 @@ def _log_line(request: web.Request, status: int, started: float) -> None:
 
 
 def build_app(
-    db_path: str | Path, duplicate_message: str = DEFAULT_DUPLICATE_MESSAGE
+    db_path: str | Path,
+    duplicate_message: str = DEFAULT_DUPLICATE_MESSAGE,
+    *,
+    api_token: str | None = None,
+    agent: AgentLinks | None = None,
+    on_verified: OnVerified | None = None,
 ) -> web.Application:
-    """The AP-S application; opens (and creates) the SQLite database at db_path."""
+    """The AP-S application; opens (and creates) the SQLite database at db_path.
+
+    api_token None leaves the API open: for tests on loopback only; the command line and
+    the demo always set one.
+    """
     if not duplicate_message or len(duplicate_message.encode()) > MAX_MESSAGE_BYTES:
         raise ValueError(f"duplicate_message must be 1..{MAX_MESSAGE_BYTES} UTF-8 bytes")
+    if api_token is not None and not api_token:
+        raise ValueError("api_token must not be empty")
     # Bodies are a few hundred bytes; refuse anything large before reading it.
     app = web.Application(middlewares=[_log_and_errors], client_max_size=64 * 1024)
     store = Store(db_path)
     app[STORE_KEY] = store
     app[MESSAGE_KEY] = duplicate_message
+    app[GUARD_KEY] = _Guard(api_token)
+    app[AGENT_KEY] = agent or AgentLinks()
+    app[ON_VERIFIED_KEY] = [] if on_verified is None else [on_verified]
     app.router.add_post("/verify", handle_verify)
     app.router.add_post("/CallEvent", handle_call_event)
     app.router.add_post("/RecordFile", handle_record_file)
     app.router.add_post("/EndCall", handle_end_call)
     app.router.add_get("/cdr", handle_cdr)
+    app.router.add_get("/agent-link", handle_agent_link)
 
     async def close_store(_: web.Application) -> None:
         store.close()
@@ -336,12 +459,17 @@ async def serve(
     port: int,
     db_path: str | Path,
     duplicate_message: str = DEFAULT_DUPLICATE_MESSAGE,
+    *,
+    api_token: str | None = None,
+    agent: AgentLinks | None = None,
+    on_verified: OnVerified | None = None,
 ) -> web.AppRunner:
     """Start the AP-S; the caller owns the returned runner and must ``cleanup()`` it.
 
     port 0 picks a free port; read it from ``runner.addresses``.
     """
-    app = build_app(db_path, duplicate_message)
+    app = build_app(db_path, duplicate_message, api_token=api_token, agent=agent,
+                    on_verified=on_verified)
     # access_log=None: the middleware already writes one richer line per request.
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0)
     await runner.setup()
@@ -352,18 +480,57 @@ async def serve(
         await runner.cleanup()
         raise
     for address in runner.addresses:
-        log.info("AP-S listening on %s, database %s", address, Path(db_path).resolve())
+        log.info("AP-S listening on %s, database %s, API token %s, agent tokens %s", address,
+                 Path(db_path).resolve(), "required" if api_token else "NOT required",
+                 "issued" if agent is not None and agent.secret else "not issued")
+    if not _is_loopback(host):
+        log.warning("AP-S listens on %s, not loopback: keep it on a private network "
+                    "(the API token is all that guards the call records)", host or "*")
     return runner
 
 
-def run_forever(host: str, port: int, db_path: str | Path) -> None:
-    """Serve until interrupted (Ctrl-C or SIGTERM); for a command line."""
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def default_token_file(db_path: str | Path) -> Path:
+    """Where the API token lives unless told otherwise: next to the database."""
+    return Path(db_path).resolve().parent / TOKEN_FILE_NAME
+
+
+def run_forever(
+    host: str,
+    port: int,
+    db_path: str | Path,
+    *,
+    token_file: str | Path | None = None,
+    agent_secret_file: str | Path | None = None,
+    agent_token_ttl: float = DEFAULT_AGENT_TOKEN_TTL,
+    agent_page_url: str = DEFAULT_AGENT_PAGE_URL,
+) -> None:
+    """Serve until interrupted (Ctrl-C or SIGTERM); for a command line.
+
+    The API token is read from token_file (default: next to the database), which is
+    created 0600 with a random token on first start; so is the agent secret file, if named.
+    """
+    token_path = Path(token_file) if token_file else default_token_file(db_path)
+    try:
+        api_token = load_or_create_token(token_path)
+        secret = load_or_create_token(Path(agent_secret_file)).encode() if agent_secret_file \
+            else None
+    except TokenFileError as exc:
+        raise SystemExit(f"AP-S: {exc}") from None
+    log.info("AP-S API token in %s (send it as Authorization: Bearer)", token_path.resolve())
+    agent = AgentLinks(page_url=agent_page_url, secret=secret, ttl=agent_token_ttl)
 
     async def main() -> None:
         stop = asyncio.Event()
         # SIGTERM is how a service manager stops us; end as cleanly as on Ctrl-C.
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-        runner = await serve(host, port, db_path)
+        runner = await serve(host, port, db_path, api_token=api_token, agent=agent)
         try:
             await stop.wait()
         finally:
@@ -381,9 +548,31 @@ def _main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8480)
     parser.add_argument("--db", default="data/aps/aps.sqlite3", help="SQLite file")
+    add_security_arguments(parser)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    run_forever(args.host, args.port, args.db)
+    run_forever(args.host, args.port, args.db, **security_options(args))
+
+
+def add_security_arguments(parser: argparse.ArgumentParser) -> None:
+    """The API token and agent-token options, shared with `appliance aps`."""
+    parser.add_argument("--token-file", default=None,
+                        help=f"API bearer token file (default: {TOKEN_FILE_NAME} next to --db; "
+                             "created 0600 if absent)")
+    parser.add_argument("--agent-secret-file", default=None,
+                        help="secret shared with the appliance's [aps] agent_token_secret_file; "
+                             "given: verify answers carry an agent_token (created if absent)")
+    parser.add_argument("--agent-token-ttl", type=float, default=DEFAULT_AGENT_TOKEN_TTL,
+                        help="seconds an agent token stays valid (default 7200)")
+    parser.add_argument("--agent-page-url", default=DEFAULT_AGENT_PAGE_URL,
+                        help="the appliance's AgentVideo.html URL, for /agent-link")
+
+
+def security_options(args: argparse.Namespace) -> dict[str, Any]:
+    if not 0 < args.agent_token_ttl <= agent_token.MAX_LIFETIME_S:
+        raise SystemExit(f"--agent-token-ttl must be in 1..{agent_token.MAX_LIFETIME_S} s")
+    return {"token_file": args.token_file, "agent_secret_file": args.agent_secret_file,
+            "agent_token_ttl": args.agent_token_ttl, "agent_page_url": args.agent_page_url}
 
 
 if __name__ == "__main__":

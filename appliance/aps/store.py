@@ -7,13 +7,20 @@ from an event-loop handler is acceptable at the scale of one call centre.
 
 from __future__ import annotations
 
+import logging
+import os
 import secrets
 import sqlite3
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from appliance.recording.formats import makedirs_private
+
+log = logging.getLogger("appliance.aps")
 
 # Roomkeys are 12 decimal digits: long enough that guessing a live one (to join a
 # stranger's video as "Agent") is hopeless, short enough to fit in a URL and a SIP header.
@@ -105,6 +112,36 @@ class VerifyOutcome:
     duplicate: LiveElsewhere | None
 
 
+def _prepare_private_db(path: Path) -> None:
+    """Create the database file 0600 (national IDs, live roomkeys) before SQLite opens it.
+
+    SQLite gives its -wal and -shm files the mode of the database file, whatever the umask,
+    so a 0600 database keeps its journals private too. A database left 0644 by an older
+    version is tightened here, before any new record is written to it.
+    """
+    makedirs_private(path.parent)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+    except FileExistsError:
+        for name in (path, path.with_name(path.name + "-wal"),
+                     path.with_name(path.name + "-shm")):
+            _make_private(name)
+    else:
+        os.fchmod(fd, 0o600)  # whatever the umask
+        os.close(fd)
+
+
+def _make_private(path: Path) -> None:
+    try:
+        mode = stat.S_IMODE(os.stat(path, follow_symlinks=False).st_mode)
+    except FileNotFoundError:
+        return
+    if mode & 0o077:
+        log.warning("%s was readable by group/others (mode %04o); now 0600", path, mode)
+        os.chmod(path, 0o600)
+
+
 def new_roomkey() -> int:
     """A uniformly random 12-digit roomkey from the OS CSPRNG (never sequential)."""
     return ROOMKEY_MIN + secrets.randbelow(ROOMKEY_MAX - ROOMKEY_MIN + 1)
@@ -115,7 +152,7 @@ class Store:
 
     def __init__(self, path: str | Path, clock: Callable[[], float] = time.time) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _prepare_private_db(self.path)
         self._clock = clock
         # isolation_level=None: we issue BEGIN IMMEDIATE ourselves so that the
         # check-then-insert in verify() cannot interleave with another writer process.
@@ -128,6 +165,9 @@ class Store:
         # Short: the server calls us on its event loop, a long lock wait would stall it.
         self._db.execute("PRAGMA busy_timeout=1000")
         self._db.executescript(SCHEMA)
+        # WAL mode has now created -wal and -shm with the database file's own mode (0600).
+        _make_private(self.path.with_name(self.path.name + "-wal"))
+        _make_private(self.path.with_name(self.path.name + "-shm"))
 
     def close(self) -> None:
         self._db.close()

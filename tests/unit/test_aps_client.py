@@ -16,12 +16,15 @@ from aiohttp import web
 from appliance.aps.server import DEFAULT_DUPLICATE_MESSAGE, STORE_KEY, serve
 from appliance.aps_client import (
     ApsClient,
+    ApsConfigError,
     ApsError,
     ApsUnavailable,
     Notify,
     VerifyRejected,
     VerifyResult,
 )
+from appliance.config import Config
+from appliance.config import from_dict as config_from_dict
 
 IDENTITY = "A123456789"
 # Small numbers so that every failure path finishes well under a second.
@@ -232,6 +235,15 @@ async def test_4xx_on_verify_is_final(scripted: Any) -> None:
         lambda: ok_json({"result": "maybe", "roomkey": 1}),
         lambda: ok_json({"result": "success", "roomkey": -5}),
         lambda: web.json_response([1, 2]),
+        # Out of range or not really digits: must not reach the bus (OverflowError) or
+        # int() (ValueError) as a crash of the call.
+        lambda: ok_json({"result": "success", "roomkey": 2**63}),
+        lambda: ok_json({"result": "success", "roomkey": 2**64 + 5}),
+        lambda: ok_json({"result": "success", "roomkey": "9" * 25}),
+        lambda: ok_json({"result": "success", "roomkey": "²"}),
+        lambda: ok_json({"result": "success", "roomkey": "١٢٣"}),
+        # Far larger than any answer: not buffered (Content-Length, then chunked).
+        lambda: ok_json({"result": "success", "roomkey": 1, "pad": "x" * 100_000}),
     ],
 )
 async def test_garbage_verify_answer_is_unavailable(
@@ -289,6 +301,115 @@ async def test_report_refused_by_result_error(scripted: Any) -> None:
     async with ApsClient(fake.base, "ms-1", **FAST) as client:
         assert await client.end_call(1, "") is False
     assert len(fake.hits) == 1
+
+
+async def test_chunked_flood_is_not_buffered(scripted: Any) -> None:
+    async def flood(request: web.Request, n: int) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        await resp.write(b'{"result":"success","roomkey":1,"pad":"')
+        for _ in range(100):
+            await resp.write(b"x" * 4096)
+        await resp.write(b'"}')
+        return resp
+
+    fake = await scripted(flood)
+    async with ApsClient(fake.base, "ms-1", **FAST) as client:
+        with pytest.raises(ApsUnavailable, match="unusable answer"):
+            await client.verify(**call())
+
+
+async def test_overlong_notify_appliance_id_is_ignored(scripted: Any) -> None:
+    async def answer(request: web.Request, n: int) -> web.Response:
+        notify = {"ms": "m" * 129, "message": "x", "roomkey": 2}
+        return ok_json({"result": "success", "roomkey": 1, "notify": notify})
+
+    fake = await scripted(answer)
+    async with ApsClient(fake.base, "ms-1", **FAST) as client:
+        assert (await client.verify(**call())).notify is None
+
+
+# -- the API token (finding 12) ------------------------------------------------------------------
+
+TOKEN = "client-test-token-abcdef"
+
+
+async def test_api_token_is_sent_on_every_request(scripted: Any) -> None:
+    seen: list[str | None] = []
+
+    async def record(request: web.Request, n: int) -> web.Response:
+        seen.append(request.headers.get("Authorization"))
+        return ok_json({"result": "success", "roomkey": 1} if n == 1 else {"result": "ok"})
+
+    fake = await scripted(record)
+    async with ApsClient(fake.base, "ms-1", api_token=TOKEN, **FAST) as client:
+        await client.verify(**call())
+        await client.call_event(1, "released", 1.0, 16, "normal release")
+        await client.record_file(1, "x.wav")
+        await client.end_call(1, "")
+    async with ApsClient(fake.base, "ms-1", **FAST) as client:
+        await client.end_call(1, "")
+    assert seen == [f"Bearer {TOKEN}"] * 4 + [None]
+
+
+async def test_reference_aps_with_a_token(tmp_path: Path) -> None:
+    runner = await serve("127.0.0.1", 0, tmp_path / "aps.sqlite3", api_token=TOKEN)
+    try:
+        async with ApsClient(base_of(runner), "ms-1", api_token=TOKEN, **FAST) as client:
+            roomkey = (await client.verify(**call())).roomkey
+            assert await client.end_call(roomkey, "")
+        for wrong in (None, "wrong"):
+            async with ApsClient(base_of(runner), "ms-1", api_token=wrong, **FAST) as client:
+                with pytest.raises(VerifyRejected) as info:
+                    await client.verify(**call(dialogid=5))
+                assert (info.value.status, info.value.reason) == (
+                    401, "missing or wrong API token")
+                assert await client.end_call(roomkey, "") is False
+    finally:
+        await runner.cleanup()
+
+
+def _config(tmp_path: Path, **aps: Any) -> Config:
+    return config_from_dict({"appliance": {"data_dir": str(tmp_path / "data")}, "aps": aps})
+
+
+def _token_file(path: Path, text: str = TOKEN, mode: int = 0o600) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text + "\n")
+    path.chmod(mode)
+    return path
+
+
+async def test_from_config_reads_the_token_file(scripted: Any, tmp_path: Path) -> None:
+    seen: list[str | None] = []
+
+    async def record(request: web.Request, n: int) -> web.Response:
+        seen.append(request.headers.get("Authorization"))
+        return ok_json({"result": "ok"})
+
+    fake = await scripted(record)
+    explicit = _token_file(tmp_path / "etc" / "aps-token", "explicit-token")
+    default = tmp_path / "data" / "aps" / "api-token"
+    cases = [
+        (_config(tmp_path, url=fake.base), None),  # no file anywhere: no header
+        (_config(tmp_path, url=fake.base, api_token_file=str(explicit)), "explicit-token"),
+    ]
+    for config, _ in cases:
+        async with ApsClient.from_config(config) as client:
+            await client.end_call(1, "")
+    _token_file(default, "default-token")
+    async with ApsClient.from_config(_config(tmp_path, url=fake.base)) as client:
+        await client.end_call(1, "")
+    assert seen == [None, "Bearer explicit-token", "Bearer default-token"]
+
+
+def test_from_config_refuses_unusable_token_files(tmp_path: Path) -> None:
+    readable = _token_file(tmp_path / "readable", mode=0o644)
+    with pytest.raises(ApsConfigError, match="chmod 600"):
+        ApsClient.from_config(_config(tmp_path, api_token_file=str(readable)))
+    with pytest.raises(ApsConfigError, match="no token file"):
+        ApsClient.from_config(_config(tmp_path, api_token_file=str(tmp_path / "absent")))
 
 
 async def test_client_must_be_started() -> None:

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import socket
+import stat
+import sys
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from itertools import pairwise
@@ -14,9 +19,13 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from appliance import agent_token
 from appliance.aps.server import (
+    DEFAULT_AGENT_PAGE_URL,
     DEFAULT_DUPLICATE_MESSAGE,
+    GUARD_KEY,
     STORE_KEY,
+    AgentLinks,
     build_app,
     mask_identity,
     parse_identity,
@@ -25,6 +34,8 @@ from appliance.aps.server import (
 from appliance.aps.store import Store
 
 IDENTITY = "A123456789"
+API_TOKEN = "test-api-token-0123456789"
+AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
 
 
 @dataclass
@@ -74,9 +85,10 @@ def verify_body(**overrides: Any) -> dict[str, Any]:
 
 
 async def start_aps(db_path: Path, **kwargs: Any) -> Aps:
+    kwargs.setdefault("api_token", API_TOKEN)
     runner = await serve("127.0.0.1", 0, db_path, **kwargs)
     host, port = runner.addresses[0][:2]
-    return Aps(runner, aiohttp.ClientSession(), f"http://{host}:{port}")
+    return Aps(runner, aiohttp.ClientSession(headers=AUTH), f"http://{host}:{port}")
 
 
 @pytest.fixture
@@ -95,7 +107,9 @@ async def test_verify_success_with_json_userdata(aps: Aps) -> None:
     assert answer["result"] == "success"
     assert set(answer) == {"result", "roomkey"}  # no notify when there is no duplicate
     row = await aps.cdr(answer["roomkey"])
-    assert row["identity"] == IDENTITY and row["live"] == 1 and row["module"] == "User"
+    assert row["identity"] == mask_identity(IDENTITY) and row["live"] == 1
+    assert row["module"] == "User"
+    assert aps.store.get_call(answer["roomkey"])["identity"] == IDENTITY  # type: ignore[index]
 
 
 @pytest.mark.parametrize(
@@ -110,7 +124,7 @@ async def test_verify_success_with_json_userdata(aps: Aps) -> None:
 async def test_verify_accepts_form_and_encoded_userdata(aps: Aps, userdata: str) -> None:
     answer = await aps.verify(userdata=userdata)
     assert answer["result"] == "success"
-    assert (await aps.cdr(answer["roomkey"]))["identity"] == IDENTITY
+    assert aps.store.get_call(answer["roomkey"])["identity"] == IDENTITY  # type: ignore[index]
 
 
 @pytest.mark.parametrize(
@@ -321,3 +335,210 @@ def test_parse_identity() -> None:
 def test_mask_identity() -> None:
     assert mask_identity("A123456789") == "A12*****89"
     assert mask_identity("abc") == "***"
+
+
+# -- the API token (finding 12) -----------------------------------------------------------------
+
+ENDPOINTS = [
+    ("POST", "/verify"),
+    ("POST", "/CallEvent"),
+    ("POST", "/RecordFile"),
+    ("POST", "/EndCall"),
+    ("GET", "/cdr"),
+    ("GET", "/cdr?roomkey=1"),
+    ("GET", "/agent-link?roomkey=1"),
+    ("GET", "/no-such-path"),
+]
+WRONG_AUTH = [
+    {},
+    {"Authorization": "Bearer"},
+    {"Authorization": "Bearer wrong-token"},
+    {"Authorization": f"Bearer {API_TOKEN}x"},
+    {"Authorization": f"Basic {API_TOKEN}"},
+    {"Authorization": API_TOKEN},
+]
+
+
+@pytest.mark.parametrize(("method", "path"), ENDPOINTS)
+@pytest.mark.parametrize("headers", WRONG_AUTH)
+async def test_every_endpoint_wants_the_api_token(
+    aps: Aps, method: str, path: str, headers: dict[str, str]
+) -> None:
+    roomkey = (await aps.verify())["roomkey"]
+    body = json.dumps(verify_body(dialogid=99) if path == "/verify" else {
+        "appliance_id": "ms-1", "roomkey": roomkey, "record_file": "", "event": "released",
+        "at": 1.0})
+    async with aiohttp.ClientSession() as stranger, stranger.request(
+        method, aps.base + path, data=body, headers=headers
+    ) as resp:
+        assert resp.status == 401
+        assert resp.headers["WWW-Authenticate"].startswith("Bearer")
+        assert await resp.json() == {"result": "error", "reason": "missing or wrong API token"}
+    # Nothing was read or written for the stranger: the one call is still live, no other.
+    assert [(c["roomkey"], c["live"]) for c in aps.store.recent_calls(10)] == [(roomkey, 1)]
+
+
+async def test_scheme_is_case_insensitive(aps: Aps) -> None:
+    async with aiohttp.ClientSession() as client, client.get(
+        aps.base + "/cdr", headers={"Authorization": f"bearer {API_TOKEN}"}
+    ) as resp:
+        assert resp.status == 200
+
+
+async def test_refusals_are_counted_and_logged_once_per_window(
+    aps: Aps, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="appliance.aps"):
+        async with aiohttp.ClientSession() as stranger:
+            for _ in range(50):
+                async with stranger.get(aps.base + "/cdr") as resp:
+                    assert resp.status == 401
+    lines = [r.getMessage() for r in caplog.records if r.name == "appliance.aps"]
+    assert len(lines) == 1, lines
+    assert "GET /cdr: refused, missing or wrong API token" in lines[0]
+    assert aps.runner.app[GUARD_KEY].refused == 50
+
+
+async def test_without_a_token_the_api_is_open(tmp_path: Path) -> None:
+    server = await start_aps(tmp_path / "aps.sqlite3", api_token=None)
+    try:
+        async with aiohttp.ClientSession() as client, client.get(server.base + "/cdr") as resp:
+            assert resp.status == 200
+    finally:
+        await server.session.close()
+        await server.runner.cleanup()
+
+
+def test_empty_api_token_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError):
+        build_app(tmp_path / "a.sqlite3", api_token="")
+
+
+async def test_cdr_masks_national_ids(aps: Aps) -> None:
+    roomkeys = [(await aps.verify(dialogid=i, userdata=json.dumps({"id": f"B12345678{i}"})))
+                ["roomkey"] for i in range(3)]
+    status, cdr = await aps.get("/cdr")
+    assert status == 200
+    assert [c["identity"] for c in cdr["calls"]] == ["B12*****82", "B12*****81", "B12*****80"]
+    assert "B12345678" not in json.dumps(cdr)
+    one = await aps.cdr(roomkeys[0])
+    assert one["identity"] == "B12*****80"
+
+
+# -- agent tokens and the agent link (finding 12) ---------------------------------------------
+
+SECRET = b"shared-agent-secret"
+
+
+@pytest.fixture
+async def aps_with_agent_tokens(tmp_path: Path) -> AsyncIterator[Aps]:
+    agent = AgentLinks(page_url="https://ms.example:4433/AgentVideo.html", secret=SECRET,
+                       ttl=600)
+    server = await start_aps(tmp_path / "aps.sqlite3", agent=agent)
+    yield server
+    await server.session.close()
+    await server.runner.cleanup()
+
+
+async def test_verify_answer_carries_an_agent_token(aps_with_agent_tokens: Aps) -> None:
+    answer = await aps_with_agent_tokens.verify()
+    roomkey, token = answer["roomkey"], answer["agent_token"]
+    now = time.time()
+    agent_token.check(SECRET, roomkey, token, now)  # admits this room's agent...
+    with pytest.raises(agent_token.TokenRefused, match="does not match"):
+        agent_token.check(SECRET, roomkey + 1, token, now)  # ...and no other room's
+    with pytest.raises(agent_token.TokenRefused, match="does not match"):
+        agent_token.check(b"another secret", roomkey, token, now)
+    with pytest.raises(agent_token.TokenRefused, match="expired"):
+        agent_token.check(SECRET, roomkey, token, now + 601)
+    assert abs(int(token.split(".")[0]) - (now + 600)) <= 2
+
+
+async def test_no_agent_token_without_a_secret(aps: Aps) -> None:
+    assert "agent_token" not in await aps.verify()
+    roomkey = (await aps.verify(dialogid=2))["roomkey"]
+    status, link = await aps.get(f"/agent-link?roomkey={roomkey}")
+    assert status == 200 and link["token"] is None
+    assert link["url"] == f"{DEFAULT_AGENT_PAGE_URL}?roomkey={roomkey}"
+
+
+async def test_agent_link_gives_the_page_with_a_fresh_token(aps_with_agent_tokens: Aps) -> None:
+    aps = aps_with_agent_tokens
+    roomkey = (await aps.verify())["roomkey"]
+    status, link = await aps.get(f"/agent-link?roomkey={roomkey}")
+    assert status == 200
+    assert link["roomkey"] == roomkey
+    assert link["url"] == (f"https://ms.example:4433/AgentVideo.html?roomkey={roomkey}"
+                           f"&token={link['token']}")
+    agent_token.check(SECRET, roomkey, link["token"], time.time())
+    assert link["expires"] == int(link["token"].split(".")[0])
+
+
+async def test_agent_link_only_for_live_calls(aps_with_agent_tokens: Aps) -> None:
+    aps = aps_with_agent_tokens
+    assert (await aps.get("/agent-link?roomkey=123456789012"))[0] == 404
+    assert (await aps.get("/agent-link?roomkey=x"))[0] == 400
+    assert (await aps.get("/agent-link"))[0] == 400
+    roomkey = (await aps.verify())["roomkey"]
+    await aps.post("/EndCall", {"appliance_id": "ms-1", "roomkey": roomkey, "record_file": ""})
+    status, answer = await aps.get(f"/agent-link?roomkey={roomkey}")
+    assert (status, answer["reason"]) == (410, "the call has ended")
+
+
+async def test_on_verified_hears_each_new_call_once(tmp_path: Path) -> None:
+    heard: list[tuple[int, str]] = []
+    agent = AgentLinks(page_url="https://h/AgentVideo.html", secret=SECRET)
+    server = await start_aps(tmp_path / "aps.sqlite3", agent=agent,
+                             on_verified=lambda roomkey, url: heard.append((roomkey, url)))
+    try:
+        first = await server.verify()
+        assert (await server.verify())["roomkey"] == first["roomkey"]  # a retry: not new
+        second = await server.verify(dialogid=7)
+        assert [k for k, _ in heard] == [first["roomkey"], second["roomkey"]]
+        assert heard[0][1].startswith(f"https://h/AgentVideo.html?roomkey={first['roomkey']}"
+                                      "&token=")
+    finally:
+        await server.session.close()
+        await server.runner.cleanup()
+
+
+# -- the command line: token file, loopback (findings 12, 13) ---------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_command_line_aps_creates_a_private_token_and_binds_loopback(
+    tmp_path: Path,
+) -> None:
+    port = _free_port()
+    db = tmp_path / "aps" / "aps.sqlite3"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "appliance.cli", "aps", "--port", str(port), "--db", str(db),
+        stderr=asyncio.subprocess.PIPE, cwd=Path(__file__).resolve().parents[2])
+    try:
+        assert proc.stderr is not None
+        line = b""
+        while b"AP-S listening" not in line:
+            line = await asyncio.wait_for(proc.stderr.readline(), 20)
+            assert line, "the AP-S exited"
+        assert b"127.0.0.1" in line and b"API token required" in line
+        token_file = db.parent / "api-token"
+        assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+        token = token_file.read_text().strip()
+        assert len(token) >= 40
+        base = f"http://127.0.0.1:{port}"
+        async with aiohttp.ClientSession() as client:
+            async with client.get(base + "/cdr") as resp:
+                assert resp.status == 401
+            async with client.get(base + "/cdr",
+                                  headers={"Authorization": f"Bearer {token}"}) as resp:
+                assert resp.status == 200
+        for name in ("aps.sqlite3", "aps.sqlite3-wal", "aps.sqlite3-shm"):
+            assert stat.S_IMODE((db.parent / name).stat().st_mode) == 0o600, name
+    finally:
+        proc.terminate()
+        await proc.wait()

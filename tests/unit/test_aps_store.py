@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import stat
 from collections.abc import Iterator
 from itertools import pairwise
 from pathlib import Path
@@ -19,6 +21,7 @@ from appliance.aps.store import (
     VerifyRequest,
     new_roomkey,
 )
+from appliance.aps.token_file import TokenFileError, load_or_create_token, read_token
 
 
 class FakeClock:
@@ -226,3 +229,87 @@ def test_data_survives_reopen(tmp_path: Path) -> None:
         assert second.is_blocked("Z999")
     finally:
         second.close()
+
+
+# -- file modes (finding 13: national IDs on disk) -----------------------------------------------
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o000])
+def test_database_and_its_journals_are_private(tmp_path: Path, umask: int) -> None:
+    db = tmp_path / "new" / "aps" / "aps.sqlite3"
+    old = os.umask(umask)
+    try:
+        s = Store(db)
+        s.verify(request())
+        s.block("B1")
+        files = {p.name: _mode(p) for p in db.parent.iterdir()}
+        s.close()
+    finally:
+        os.umask(old)
+    assert files == {"aps.sqlite3": 0o600, "aps.sqlite3-wal": 0o600, "aps.sqlite3-shm": 0o600}
+    assert _mode(db.parent) == 0o700 and _mode(db.parent.parent) == 0o700
+
+
+def test_a_world_readable_database_is_tightened_before_use(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = tmp_path / "aps.sqlite3"
+    Store(db).close()
+    for p in tmp_path.iterdir():
+        p.chmod(0o644)  # as older versions left it
+    s = Store(db)
+    s.verify(request())
+    s.close()
+    assert {p.name: _mode(p) for p in tmp_path.iterdir()} == {"aps.sqlite3": 0o600}
+    assert "readable by group/others (mode 0644); now 0600" in caplog.text
+
+
+# -- token files -------------------------------------------------------------------------------
+
+
+def test_token_file_is_created_private_and_random(tmp_path: Path) -> None:
+    path = tmp_path / "secrets" / "api-token"
+    old = os.umask(0o000)
+    try:
+        token = load_or_create_token(path)
+    finally:
+        os.umask(old)
+    assert _mode(path) == 0o600 and _mode(path.parent) == 0o700
+    assert len(token) >= 40 and token == path.read_text().strip()
+    assert load_or_create_token(path) == token  # kept across starts
+    assert load_or_create_token(tmp_path / "other") != token
+    assert list(path.parent.iterdir()) == [path]  # no temp file left behind
+
+
+def test_token_file_readable_by_others_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "api-token"
+    path.write_text("sekrit\n")
+    path.chmod(0o644)
+    with pytest.raises(TokenFileError, match="chmod 600"):
+        read_token(path)
+    path.chmod(0o600)
+    assert read_token(path) == "sekrit"
+
+
+@pytest.mark.parametrize("content", [b"", b"  \n", b"two words", b"\xff\xfe", b"x" * 5000])
+def test_unusable_token_files_are_refused(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "api-token"
+    path.write_bytes(content)
+    path.chmod(0o600)
+    with pytest.raises(TokenFileError):
+        read_token(path)
+
+
+def test_missing_or_symlinked_token_file_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(TokenFileError, match="no token file"):
+        read_token(tmp_path / "absent")
+    target = tmp_path / "target"
+    target.write_text("t")
+    target.chmod(0o600)
+    (tmp_path / "link").symlink_to(target)
+    with pytest.raises(TokenFileError):
+        read_token(tmp_path / "link")

@@ -1,0 +1,83 @@
+"""Secrets kept in small files: the AP-S API bearer token and the agent-token secret.
+
+Both sides read the same file (the reference AP-S and the appliance on one box, or a copy
+on each): the secret is the file's text with surrounding whitespace removed. A file that
+group or others can read is refused, as the recording master key is: whoever reads the API
+token reads every call record, whoever reads the agent secret can take any agent's seat.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import stat
+from pathlib import Path
+
+from appliance.recording.formats import create_private, fsync_dir, makedirs_private
+
+MAX_TOKEN_BYTES = 4096  # far more than any sane token; bounds what we read
+
+
+class TokenFileError(Exception):
+    """The token file is missing, empty, unreadable or readable by others."""
+
+
+def read_token(path: Path) -> str:
+    """The token in `path`; never creates the file."""
+    try:
+        # O_NOFOLLOW + fstat on the open descriptor: the file checked is the file read.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise TokenFileError(f"no token file at {path}") from None
+    except OSError as exc:
+        raise TokenFileError(f"cannot open token file {path}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise TokenFileError(f"token file {path} is not a regular file")
+        if st.st_mode & 0o077:
+            raise TokenFileError(
+                f"token file {path} is accessible by group/others "
+                f"(mode {stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {path}"
+            )
+        data = os.read(fd, MAX_TOKEN_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(data) > MAX_TOKEN_BYTES:
+        raise TokenFileError(f"token file {path} is longer than {MAX_TOKEN_BYTES} bytes")
+    try:
+        token = data.decode("ascii").strip()
+    except UnicodeDecodeError:
+        raise TokenFileError(f"token file {path} must hold ASCII text") from None
+    # It travels in an HTTP header: printable, no spaces.
+    if not token or not all(33 <= ord(c) < 127 for c in token):
+        raise TokenFileError(f"token file {path} must hold one word of printable ASCII")
+    return token
+
+
+def load_or_create_token(path: Path) -> str:
+    """The token in `path`, or a new random one written there (0600) on first use."""
+    if not os.path.lexists(path):
+        _create(path)
+    return read_token(path)
+
+
+def _create(path: Path) -> None:
+    makedirs_private(path.parent)
+    # Written whole to a private temp file, then link()ed into place: two processes starting
+    # together agree on one token and nobody ever reads a half-written file.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = create_private(tmp)
+    try:
+        os.fchmod(fd, 0o600)  # a restrictive umask may have removed our own read bit
+        os.write(fd, (secrets.token_urlsafe(32) + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass  # another process won the race: use its token
+    finally:
+        os.unlink(tmp)
+    fsync_dir(path.parent)
