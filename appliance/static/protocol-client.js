@@ -4,19 +4,20 @@
 //   const client = new ApplianceClient();            // wss://<this host>/, window.appliance
 //   client.addEventListener("state", e => ...);      // e.detail = {state, text}
 //   await client.makeVideoCall({caller, callee, userdata});   // the customer (module User)
-//   await client.joinRoom(roomkey);                  // the agent's video (module Agent)
+//   await client.joinRoom(roomkey, {token});         // the agent's video (module Agent)
 //   client.sendDTMF("5"); client.sendPeerData("hello"); client.hangup();
 //
 // Every MS message becomes an event named after its action ("alert", "answer", "ice",
 // "DTLSconnect", "release", "peerdata", "my_resolution", "peer_resolution",
 // "record_status", "message", "DTMF"), with the message as `event.detail`. The client also
-// emits "state", "localstream", "remotetrack" and "error". For tests, `window.appliance`
+// emits "state", "localstream", "remotetrack", "peervideo" ({present}: the peer's video
+// joined or left, the call going on) and "error". For tests, `window.appliance`
 // is the client: `.events` lists every message received ({action, at, msg}), `.sent` every
 // message sent, `.call.pc` is the RTCPeerConnection.
 
 const LIMIT_KEY = 16; // bytes, every key
 const LIMIT_VALUE = 128; // bytes, every string value except below
-const LIMITS = { userdata: 256, ua_family: 64, ua_version: 64, ua_os: 64, suid: 64, module: 6 };
+const LIMITS = { userdata: 256, ua_family: 64, ua_version: 64, ua_os: 64, suid: 64, module: 6, token: 64 };
 const SDP_KEYS = new Set(["offer", "answer", "ice"]);
 const DTMF_KEYS = "0123456789*#";
 // How long to wait for our ICE candidates before sending the offer: the offer then carries
@@ -178,11 +179,17 @@ export class ApplianceClient extends EventTarget {
     return this._start(fields, { audio: true, video: medium === 2 }, localStream);
   }
 
-  /** The agent's video leg (module Agent) for the room AP-S gave the customer's call. */
-  async joinRoom(roomkey, { medium = 2, nickname, localStream } = {}) {
+  /**
+   * The agent's video leg (module Agent) for the room AP-S gave the customer's call.
+   * token: the agent credential AP-S issued with the roomkey (docs/aps-api.md), sent as is
+   * when given; an appliance that locks the agent leg refuses an offer without it.
+   */
+  async joinRoom(roomkey, { medium = 2, nickname, token, localStream } = {}) {
     const fields = { module: "Agent", medium, roomkey: parseUint(roomkey, "roomkey") };
     if (fields.roomkey === undefined) throw new RangeError("roomkey is required");
     if (nickname) fields.nickname = clipBytes(nickname, LIMIT_VALUE);
+    if (token) fields.token = String(token);
+    checkLimits(fields); // a token over 64 bytes fails here, before the camera starts
     // The agent talks on the desk phone: the page sends video only and stays ready to
     // receive whatever audio the MS chooses to send.
     return this._start(fields, { audio: false, video: medium === 2 }, localStream);
@@ -203,7 +210,8 @@ export class ApplianceClient extends EventTarget {
       pendingIce: [],
       seenIce: new Set(),
       dtls: false,
-      joined: false, // peerdata Join seen
+      joined: false, // peerdata Join seen: the voice call is up (agent's leg: the customer is)
+      peerVideo: false, // the peer's video is in the room (peerdata Join/Leave, medium video)
       peerchannel: 0,
       quality: { mine: null, peer: null },
       record: null,
@@ -405,13 +413,25 @@ export class ApplianceClient extends EventTarget {
     },
     peerdata(call, msg) {
       if (msg.peerchannel) call.peerchannel = Number(msg.peerchannel) || call.peerchannel;
-      if (msg.peerdata === "Join") {
-        call.joined = true;
-        this._setState("incall", call.module === "Agent" ? "Customer connected" : "Agent answered — in call");
-      } else if (msg.peerdata === "Leave") {
-        call.joined = false;
-        this._setState("peerleft", call.module === "Agent" ? "Customer left" : "Agent left");
+      if (msg.type === "command" || (msg.peerdata !== "Join" && msg.peerdata !== "Leave")) return;
+      // `medium` is the peer's (PROTOCOL.md). On the customer's call "audio" is the desk
+      // phone (the voice call itself) and "video" the agent's page, which may leave and
+      // come back while the voice goes on; on the agent's leg the peer is the customer.
+      const peer = call.module === "Agent" ? "Customer" : "Agent";
+      const joined = msg.peerdata === "Join";
+      if (msg.medium === "audio") {
+        call.joined = joined;
+        if (joined) this._setState("incall", call.module === "Agent" ? "Customer connected" : "Agent answered — in call");
+        else this._setState("peerleft", `${peer} hung up`);
+        return;
       }
+      if (call.module === "Agent" && joined) call.joined = true; // a video customer's Join
+      this._setPeerVideo(call, joined);
+      if (!call.joined) return; // still ringing: the state says so
+      // Short: a phone's status bar shows about 30 characters.
+      if (joined) this._setState("incall", call.module === "Agent" ? "Customer connected" : "In call — with video");
+      // The agent's leg is only video: its peer's video gone leaves nothing "going on" there.
+      else this._setState("incall", call.module === "Agent" ? "Customer's video left" : "In call — agent's video left");
     },
     my_resolution(call, msg) {
       call.quality.mine = msg;
@@ -426,6 +446,12 @@ export class ApplianceClient extends EventTarget {
       this._end({ cause: msg.cause, causestring: msg.causestring || "released", msg });
     },
   };
+
+  /** The peer's video came or went: `peervideo` event, detail {present}. */
+  _setPeerVideo(call, present) {
+    call.peerVideo = present;
+    this._emit("peervideo", { present });
+  }
 
   async _addIce(call, ice) {
     try {

@@ -33,7 +33,9 @@ from typing import Any
 
 import aiohttp
 
-CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+from tests.e2e.browsers import EXECUTABLES, PageBase
+
+CHROMIUM = EXECUTABLES["chromium"]
 
 # Why each flag: no sandbox (tests run as root in a namespace), nothing that phones home
 # (the namespace has only loopback anyway), fake media devices and permission prompts,
@@ -82,6 +84,7 @@ class Chromium:
         self.process = process
         self.workdir = workdir
         self.log_path = workdir / "chromium.log"
+        self.name = "chromium"
         self.pages: list[Page] = []
         self._session: aiohttp.ClientSession | None = None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
@@ -235,8 +238,8 @@ class Chromium:
         return page
 
 
-class Page:
-    """One tab: navigate, evaluate JavaScript, screenshot."""
+class Page(PageBase):
+    """One tab: navigate, evaluate JavaScript, screenshot, close."""
 
     def __init__(self, browser: Chromium, target_id: str, session_id: str) -> None:
         self.browser = browser
@@ -291,32 +294,14 @@ class Page:
             raise CdpError(f"{expression[:80]!r} threw: {text}")
         return result["result"].get("value")
 
-    async def wait_for(self, expression: str, timeout: float = 10, interval: float = 0.1) -> Any:
-        """Poll a JavaScript expression until it is truthy; return its value."""
-        deadline = time.monotonic() + timeout
-        while True:
-            value = await self.evaluate(expression)
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise AssertionError(
-                    f"{expression!r} still {value!r} after {timeout}s; console:\n"
-                    + "\n".join(self.console[-30:])
-                )
-            await asyncio.sleep(interval)
-
-    async def click(self, selector: str) -> None:
-        """Click the element matching a CSS selector (a DOM click, as a tap would do)."""
-        found = await self.evaluate(
-            f"(() => {{ const el = document.querySelector({json.dumps(selector)});"
-            " if (!el) return false; el.click(); return true; })()"
-        )
-        if not found:
-            raise CdpError(f"no element matches {selector!r}")
-
     async def screenshot(self, path: Path) -> Path:
         """Save the viewport as a PNG."""
         shot = await self.send("Page.captureScreenshot", {"format": "png"})
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(base64.b64decode(shot["data"]))
         return path
+
+    async def close(self) -> None:
+        """Close the tab, as the user closing it would (the page's pagehide runs)."""
+        await self.browser.send("Target.closeTarget", {"targetId": self.target_id})
+        self.browser._by_session.pop(self.session_id, None)

@@ -1,34 +1,27 @@
-"""A system message reaches the customer's real page and is shown: Chromium's fake
-microphone plays a silent file, the appliance hears no voice and sends 510."""
+"""A system message reaches the customer's real page and is shown, in Chromium and in
+Firefox ESR: the browser's microphone is silent (Chromium plays a silent file as its fake
+microphone, Firefox gets a WebAudio silence track), the appliance hears no voice and sends
+510."""
 
 from __future__ import annotations
 
 import json
-import wave
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
 import pytest
 
-from tests.e2e.chromium import Chromium
-from tests.e2e.test_pages import PHONE, artifact
+from tests.e2e.browsers import launch
+from tests.e2e.test_pages import PHONE, artifact, browser_params
 from tests.e2e.test_voice import desk_phone
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
 
 
-def silent_wav(path: Path, seconds: int = 30) -> Path:
-    with wave.open(str(path), "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(48000)
-        out.writeframes(b"\x00\x00" * 48000 * seconds)
-    return path
-
-
+@pytest.mark.parametrize("browser_name", browser_params())
 async def test_page_shows_the_silent_microphone_message(
-    tmp_path: Path, aps: Any, make_appliance: Any
+    tmp_path: Path, aps: Any, make_appliance: Any, browser_name: str
 ) -> None:
     sipp = await desk_phone(tmp_path, "desk_echo.xml")
     appliance = make_appliance(
@@ -39,10 +32,9 @@ async def test_page_shows_the_silent_microphone_message(
         messages={"language": "en", "level": "warning", "position": "top",
                   "displaytime": 30},
     )
-    mic = silent_wav(tmp_path / "silence.wav")
     try:
-        async with Chromium.launch(
-            tmp_path / "chromium", extra_flags=(f"--use-file-for-fake-audio-capture={mic}",)
+        async with launch(
+            browser_name, tmp_path / browser_name, silent_microphone=True
         ) as browser:
             page = await browser.new_page(**PHONE)
             query = urlencode({"caller": 5678, "callee": 9333,
@@ -55,7 +47,7 @@ async def test_page_shows_the_silent_microphone_message(
                 ".map(t => [t.textContent, t.className])")
             assert any(text.startswith("510 No sound is reaching us") and "level-warning" in cls
                        for text, cls in shown), shown
-            await page.screenshot(artifact("videocall-message-510.png"))
+            await page.screenshot(artifact("videocall-message-510.png", browser))
             await page.click("#hangup")
     finally:
         sipp.kill()
