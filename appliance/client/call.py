@@ -28,6 +28,8 @@ from .media import FrameCounter
 if TYPE_CHECKING:
     from .connection import MediaServerClient
 
+MEDIA_CLOSE_TIMEOUT = 5.0  # seconds for aiortc to close a call's peer connection
+
 log = logging.getLogger("appliance.client")
 
 # Events that can still legitimately arrive once the call has ended.
@@ -352,16 +354,34 @@ class Call:
             await self.hangup()
         finally:
             self._client._forget(self)
+            await self._stop_worker()
+
+    async def _stop_worker(self) -> None:
+        """Stop the frame worker. aiortc's close can swallow the cancellation meant for the
+        worker (it was closing the media when cancelled), which would leave it waiting on
+        the inbox for ever: so cancel again until it is really done, within bounds."""
+        for _ in range(10):
+            if self._worker.done():
+                break
             self._worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
+            await asyncio.wait({self._worker}, timeout=MEDIA_CLOSE_TIMEOUT / 10)
+        if not self._worker.done():
+            log.warning("%r: the frame worker did not stop; left behind", self)
+        elif not self._worker.cancelled() and self._worker.exception() is not None:
+            log.warning("%r: the frame worker failed: %s", self, self._worker.exception())
 
     async def _close_media(self) -> None:
         if self._media_closed:
             return
         self._media_closed = True
         try:
-            await self.pc.close()
+            # Bounded: an aiortc transport that never finishes stopping (a DTLS or ICE
+            # task caught mid-start) must not hang the application's hang-up for ever.
+            async with asyncio.timeout(MEDIA_CLOSE_TIMEOUT):
+                await self.pc.close()
+        except TimeoutError:
+            log.warning("%r: the peer connection did not close within %.0f s; left behind",
+                        self, MEDIA_CLOSE_TIMEOUT)
         except Exception:  # the tracks below must stop all the same
             log.exception("%r: closing the peer connection failed", self)
         for track in self._owned_tracks:
