@@ -40,7 +40,7 @@ from aiortc.rtcdtlstransport import RTCDtlsTransport
 
 from appliance.media.datagrams import DROPS, fits
 from appliance.media.udp_send import DirectSender
-from appliance.sip.throttle import Tally
+from appliance.throttle import Tally
 
 log = logging.getLogger("appliance.rtc")
 

@@ -22,7 +22,8 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from appliance.sip.throttle import TokenBucket
+from appliance.netaddr import normal_ip
+from appliance.throttle import TokenBucket
 
 # Q.850 42 "switching equipment congestion": the box has room, this client is over its share.
 CAUSE_CONGESTION = 42
@@ -42,11 +43,9 @@ def address_key(peer: str) -> str:
         ip = ipaddress.ip_address(peer.split("%", 1)[0])
     except ValueError:
         return peer  # not an address (a Unix socket, a test): counted as given
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is None:
         return str(ipaddress.IPv6Network((ip, 64), strict=False))
-    return str(ip)
+    return normal_ip(str(ip))
 
 
 @dataclass(frozen=True)

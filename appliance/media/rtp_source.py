@@ -17,21 +17,11 @@ Before any SDP (INVITE sent, no 183/200 yet) nothing is accepted.
 
 from __future__ import annotations
 
-import ipaddress
+from appliance.netaddr import normal_ip
 
 Address = tuple[str, int]
 
 UNSPECIFIED = ("0.0.0.0", "::")  # c=0.0.0.0 hold: says nothing about where media comes from
-
-
-def _normal(host: str) -> str:
-    try:
-        ip = ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return host
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return str(ip.ipv4_mapped)
-    return str(ip)
 
 
 class _Expected:
@@ -59,7 +49,7 @@ class PeerFilter:
     def expect(self, host: str, port: int, rtcp_port: int | None = None) -> None:
         """The phone's SDP (answer or re-INVITE). An unspecified address (c=0.0.0.0 hold)
         keeps what we had: the phone still sends from where it did."""
-        host = _normal(host)
+        host = normal_ip(host)
         if host in UNSPECIFIED or not 0 < port < 65536:
             return
         rtcp = rtcp_port if rtcp_port is not None else port + 1

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from appliance.media.datagrams import DROPS, fits
 from appliance.media.udp_send import DirectSender
-from appliance.sip.throttle import Tally
+from appliance.throttle import Tally
 
 log = logging.getLogger("appliance.rtp")
 

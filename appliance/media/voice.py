@@ -28,7 +28,7 @@ from appliance.media.ringback import Cadence, Ringback
 from appliance.media.rtp_source import PeerFilter
 from appliance.media.sip_rtp import Address, RtpSocketPair
 from appliance.media.transcode import OpusToPcmu, PcmuToOpus
-from appliance.sip.throttle import Tally
+from appliance.throttle import Tally
 
 if TYPE_CHECKING:
     from appliance.recording.capture import CallRecorder

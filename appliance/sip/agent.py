@@ -25,6 +25,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
+from appliance.throttle import Tally, TokenBucket
+
 from .auth import Credentials
 from .call import ACCEPT, OutgoingCall, new_tag
 from .dialog import ALLOW
@@ -40,7 +42,6 @@ from .message import (
     top_via,
 )
 from .sources import SourcePolicy
-from .throttle import Tally, TokenBucket
 from .transaction import DEFAULT_TIMERS, Addr, TimerConfig, response_destination
 from .uas import IncomingCall
 

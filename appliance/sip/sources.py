@@ -27,6 +27,8 @@ import ipaddress
 from collections.abc import Iterable
 from functools import lru_cache
 
+from appliance.netaddr import normal_ip
+
 from .message import SipParseError, parse_name_addr, parse_uri
 from .transaction import Addr
 
@@ -43,19 +45,6 @@ def parse_networks(entries: Iterable[str]) -> list[Network]:
         except ValueError as exc:
             raise ValueError(f"not an address or network: {entry!r} ({exc})") from None
     return networks
-
-
-@lru_cache(maxsize=1024)
-def normal_ip(host: str) -> str:
-    """One spelling per address ("::ffff:10.0.0.1" is 10.0.0.1, brackets dropped), so that
-    a datagram's source compares equal to the same address written in a header."""
-    try:
-        ip = ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return host
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return str(ip.ipv4_mapped)
-    return str(ip)
 
 
 @lru_cache(maxsize=4096)

@@ -13,6 +13,7 @@ is driven over CDP (tests/e2e/chromium.py), Firefox ESR over WebDriver BiDi
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import json
@@ -35,13 +36,15 @@ def available(name: str) -> bool:
     return shutil.which(EXECUTABLES[name]) is not None
 
 
-class PageBase:
-    """What every page does on top of its browser's `evaluate`."""
+class PageBase(abc.ABC):
+    """What every page does on top of its browser's `evaluate` (each browser's Page
+    implements that one method over its own protocol: CDP or WebDriver BiDi)."""
 
     console: list[str]
 
+    @abc.abstractmethod
     async def evaluate(self, expression: str, timeout: float = 15) -> Any:
-        raise NotImplementedError
+        """The value of a JavaScript expression in the page (promises awaited)."""
 
     async def wait_for(self, expression: str, timeout: float = 10, interval: float = 0.1) -> Any:
         """Poll a JavaScript expression until it is truthy; return its value."""

@@ -19,8 +19,8 @@ from appliance.sip.events import (
 from appliance.sip.message import SipRequest, SipResponse, cseq_of, serialize
 from appliance.sip.sdp import build_offer
 from appliance.sip.sources import SourcePolicy, dialog_peers, normal_ip, parse_networks
-from appliance.sip.throttle import Tally, TokenBucket
 from appliance.sip.uas import IncomingCall
+from appliance.throttle import Tally, TokenBucket
 
 from .peer import ANSWER_SDP, LOCAL, OFFER, PROXY, in_dialog_request, reply, sent
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 
-from .transaction import Addr
+Addr = tuple[str, int]  # (host, port) of a datagram's source
 
 MAX_SOURCES_TRACKED = 64  # per summary: a spray from many addresses costs bounded memory
 
