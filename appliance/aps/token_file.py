@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import os
 import secrets
-import stat
 from pathlib import Path
 
-from appliance.recording.formats import create_private, fsync_dir, makedirs_private
+from appliance.recording.formats import (
+    create_private,
+    fsync_dir,
+    makedirs_private,
+    read_private,
+)
 
 MAX_TOKEN_BYTES = 4096  # far more than any sane token; bounds what we read
 
@@ -24,25 +28,7 @@ class TokenFileError(Exception):
 
 def read_token(path: Path) -> str:
     """The token in `path`; never creates the file."""
-    try:
-        # O_NOFOLLOW + fstat on the open descriptor: the file checked is the file read.
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise TokenFileError(f"no token file at {path}") from None
-    except OSError as exc:
-        raise TokenFileError(f"cannot open token file {path}: {exc.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise TokenFileError(f"token file {path} is not a regular file")
-        if st.st_mode & 0o077:
-            raise TokenFileError(
-                f"token file {path} is accessible by group/others "
-                f"(mode {stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {path}"
-            )
-        data = os.read(fd, MAX_TOKEN_BYTES + 1)
-    finally:
-        os.close(fd)
+    data = read_private(path, MAX_TOKEN_BYTES, "token file", TokenFileError)
     if len(data) > MAX_TOKEN_BYTES:
         raise TokenFileError(f"token file {path} is longer than {MAX_TOKEN_BYTES} bytes")
     try:

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import os
 import secrets
-import stat
 from pathlib import Path
 
-from appliance.recording.formats import create_private, fsync_dir, makedirs_private
+from appliance.recording.formats import (
+    create_private,
+    fsync_dir,
+    makedirs_private,
+    read_private,
+)
 
 MASTER_LEN = 32
 
@@ -49,25 +53,7 @@ def master_from_hex(text: str) -> bytes:
 
 def load_master(path: Path) -> bytes:
     """Read an existing key file; never creates one (decrypting with a fresh key is pointless)."""
-    try:
-        # O_NOFOLLOW + fstat on the open descriptor: the file checked is the file read.
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise MasterKeyError(f"no recording key file at {path}") from None
-    except OSError as exc:
-        raise MasterKeyError(f"cannot open recording key file {path}: {exc.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise MasterKeyError(f"recording key file {path} is not a regular file")
-        if st.st_mode & 0o077:
-            raise MasterKeyError(
-                f"recording key file {path} is accessible by group/others "
-                f"(mode {stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {path}"
-            )
-        data = os.read(fd, MASTER_LEN + 1)
-    finally:
-        os.close(fd)
+    data = read_private(path, MASTER_LEN, "recording key file", MasterKeyError)
     if len(data) != MASTER_LEN:
         raise MasterKeyError(
             f"recording key file {path} must hold exactly {MASTER_LEN} bytes, "
