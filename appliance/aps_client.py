@@ -2,7 +2,7 @@
 
 AP-S verifies each user and issues the call's roomkey (Flow 1 step 2), may ask for a
 duplicate-login notification (Flow 3), and receives the call reports (Flow 2). The
-contract is in docs/aps-api.md; the reference AP-S is ``appliance.aps.server``.
+contract is in docs/aps-api.md; the reference AP-S is ``reference_aps.server``.
 
 Retry policy, the same for every endpoint: a connection error, a timeout or an HTTP 5xx
 is retried, up to ``attempts`` in all, sleeping ``backoff``, ``2*backoff``, ... between
@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal, Self
 
 import aiohttp
 
-from appliance.aps.token_file import TokenFileError, read_token
+from appliance.token_file import TokenFileError, read_token
 
 if TYPE_CHECKING:
     from appliance.config import Config

@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from appliance.client import Call, MediaServerClient
 from appliance.media import rtcp
 from appliance.rtc_adapter import SilentTrack, SrtpFastPath, sender_ssrc
+from appliance_sdk import Call, MediaServerClient
 from bench import control
 from bench.media_cache import (
     OPUS_RATE,

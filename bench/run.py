@@ -24,12 +24,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from appliance.aps.server import serve as serve_aps
 from bench import analysis, measure, report, system
 from bench.control import ChildProcess
 from bench.desk import DeskPhones, start_desk_phones
 from bench.media_cache import load_or_make_clip, load_or_make_opus, load_or_make_pcmu
 from bench.stack import ApplianceUnderTest, start_appliance
+from reference_aps.server import serve as serve_aps
 from tests.e2e.conftest import free_udp_ports
 
 log = logging.getLogger("bench.run")

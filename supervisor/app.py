@@ -22,12 +22,12 @@ from msgspec import UNSET
 
 from appliance import agent_token, bus
 from appliance import protocol as p
-from appliance.aps.token_file import TokenFileError, read_token
 from appliance.aps_client import ApsClient, ApsUnavailable
 from appliance.config import Config
 from appliance.config_secrets import encode_line, split
 from appliance.periodic import FailureLog, Periodic, call_later_safe
 from appliance.tasks import spawn
+from appliance.token_file import TokenFileError, read_token
 from supervisor.admission import (
     CAUSE_CONGESTION,
     TOO_MANY_ROOMKEYS,

@@ -36,7 +36,7 @@ from supervisor.heap_trim import HeapTrimmer
 
 log = logging.getLogger("appliance.front")
 
-STATIC_DIR = Path(__file__).resolve().parent.parent / "appliance" / "static"
+STATIC_DIR = Path(__file__).resolve().parent / "static"
 HEARTBEAT_S = 30.0  # server pings: the close path frees a browser that vanished
 INTERNAL_ERROR = "internal error: frame not processed"
 SLOW_READER_S = 10.0  # a client may take this long to read its queued answers

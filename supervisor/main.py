@@ -12,7 +12,7 @@ from aiohttp import web
 
 from appliance import config as cfg
 from appliance import config_secrets
-from appliance.recording.formats import create_private
+from appliance.private_files import create_private
 from appliance.tls import ensure_certificate, server_context
 from supervisor.app import Supervisor
 from supervisor.front import GuardedSite, build_runner

@@ -107,7 +107,7 @@ class RecordingManager:
     def _command(self, job_path: Path) -> list[str]:
         template = self.config.recording.convertor
         if not template:
-            return [sys.executable, "-m", "appliance.cli", "convert", "--recordings",
+            return [sys.executable, "-m", "launcher.cli", "convert", "--recordings",
                     str(self.root), "--key-file", str(self.key_file), str(job_path)]
         return [part.format(job=job_path, recordings=self.root, key_file=self.key_file)
                 for part in shlex.split(template)]

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from msgspec import UNSET
 
 from appliance import protocol as p
-from appliance.call_state import Event, Release
+from workers.call_state import Event, Release
 from workers.leg import WebRtcLeg
 
 if TYPE_CHECKING:

@@ -20,7 +20,6 @@ from msgspec import UNSET
 
 from appliance import bus
 from appliance import protocol as p
-from appliance.call_state import CallMachine, Event, Release, Transition
 from appliance.media import rtcp
 from appliance.media.codec_choice import CodecChoice, NoCommonCodec, choose_codecs
 from appliance.media.rtp import ABS_SEND_TIME_URI
@@ -32,8 +31,9 @@ from appliance.rtc_adapter import (
     make_configuration,
     sender_ssrc,
 )
-from appliance.sdp_candidates import extension_id, local_candidates
 from appliance.tasks import spawn
+from workers.call_state import CallMachine, Event, Release, Transition
+from workers.sdp_candidates import extension_id, local_candidates
 
 if TYPE_CHECKING:
     from workers.worker import Worker

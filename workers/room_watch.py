@@ -7,7 +7,6 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from appliance import messages
 from appliance import protocol as p
 from appliance.media.conditions import (
     MESSAGE_IDS,
@@ -19,6 +18,7 @@ from appliance.media.conditions import (
     Thresholds,
 )
 from appliance.media.video import VideoPath
+from workers import messages
 
 if TYPE_CHECKING:
     from workers.leg import WebRtcLeg

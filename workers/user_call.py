@@ -20,9 +20,9 @@ from msgspec import UNSET
 from appliance import bus
 from appliance import protocol as p
 from appliance.aps_client import ApsUnavailable, VerifyRejected, VerifyResult
-from appliance.call_state import Event, Release, State
 from appliance.recording.capture import CallRecorder
 from appliance.tasks import spawn
+from workers.call_state import Event, Release, State
 from workers.leg import WebRtcLeg
 from workers.room import Room
 from workers.sip_leg import CallParties, SipLeg

@@ -28,6 +28,7 @@ import av
 from av.audio.stream import AudioStream
 from av.stream import Stream
 
+from appliance.private_files import create_private, fsync_dir, makedirs_private
 from appliance.recording import keys
 from appliance.recording.crypto import (
     RecordingDecryptError,
@@ -41,13 +42,10 @@ from appliance.recording.formats import (
     Job,
     JobError,
     WavInfo,
-    create_private,
     day_of,
-    fsync_dir,
     iter_ivf_frames,
     iter_wav_data,
     load_job,
-    makedirs_private,
     repair_ivf,
     repair_wav,
     resolve_in,

@@ -25,8 +25,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from appliance.private_files import create_private, fsync_dir
 from appliance.recording import keys
-from appliance.recording.formats import create_private, fsync_dir
 
 MAGIC = b"\x89REC\r\n\x1a\n"  # PNG-style: binary, and line-ending mangling breaks it visibly
 VERSION = 1

@@ -1,7 +1,7 @@
 """IncomingCall: the UAS side of one call, sans-IO, in the shape of OutgoingCall.
 
 The appliance itself only places calls; this side exists for the simulated desk phone the
-demo calls instead of a real PBX (appliance/deskphone.py), so that the demo and its tests
+demo calls instead of a real PBX (deskphone/phone.py), so that the demo and its tests
 exercise our UAC against the same stack rather than a second SIP implementation.
 
 Feed it `receive_message()` / `receive_datagram()` and `handle_timer()` with `now`, then

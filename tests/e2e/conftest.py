@@ -21,8 +21,8 @@ from typing import Any
 import psutil
 import pytest
 
-from appliance.aps.server import serve as serve_aps
 from bench.system import loopback_only
+from reference_aps.server import serve as serve_aps
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -108,7 +108,7 @@ class Appliance:
     def start(self, timeout: float = 30) -> None:
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child process
         self.process = subprocess.Popen(
-            [*self.prefix, sys.executable, "-m", "appliance.cli", "run", "--config",
+            [*self.prefix, sys.executable, "-m", "launcher.cli", "run", "--config",
              str(self.config_path)],
             stdout=subprocess.PIPE,
             stderr=log,

@@ -19,7 +19,7 @@ from msgspec import UNSET
 
 from appliance import agent_token
 from appliance import protocol as p
-from appliance.client import Call, MediaServerClient
+from appliance_sdk import Call, MediaServerClient
 from tests.e2e.conftest import eventually
 from tests.e2e.test_video import roomkey_of
 from tests.e2e.test_voice import desk_phone, sipp_ok

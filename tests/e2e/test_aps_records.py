@@ -30,8 +30,8 @@ from aiortc import RTCPeerConnection
 
 from appliance import agent_token
 from appliance import protocol as p
-from appliance.aps.server import serve as serve_aps
-from appliance.aps.token_file import load_or_create_token, read_token
+from appliance.token_file import load_or_create_token, read_token
+from reference_aps.server import serve as serve_aps
 from tests.e2e.conftest import ROOT, eventually, free_port, free_udp_ports, write_toml
 from tests.fuzz_scale import scaled
 
@@ -261,7 +261,7 @@ async def test_demo_locks_its_aps_and_prints_agent_links(tmp_path: Any) -> None:
         "admin": {"port": admin},
     })
     demo = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "appliance.cli", "demo", "--config", str(config),
+        sys.executable, "-m", "launcher.cli", "demo", "--config", str(config),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, cwd=ROOT)
     try:
         assert demo.stdout is not None

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from aiortc.mediastreams import AudioStreamTrack
 
-from appliance.client import Call, MediaServerClient
+from appliance_sdk import Call, MediaServerClient
 from tests.e2e.conftest import eventually
 from tests.e2e.impaired_link import impair
 from tests.e2e.test_voice import desk_phone, sipp_ok

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.client import MediaServerClient
+from appliance_sdk import MediaServerClient
 from tests.e2e.audio_probe import TaggedAudioTrack, TagReader
 from tests.e2e.conftest import ROOT, free_port, free_udp_ports, write_toml
 
@@ -32,7 +32,7 @@ async def test_demo_call_rings_answers_and_echoes(tmp_path: Path) -> None:
     })
     log = (tmp_path / "demo.log").open("wb")
     demo = subprocess.Popen(
-        [sys.executable, "-m", "appliance.cli", "demo", "--config", str(config)],
+        [sys.executable, "-m", "launcher.cli", "demo", "--config", str(config)],
         stdout=subprocess.PIPE, stderr=log, cwd=ROOT,
     )
     try:

@@ -27,10 +27,10 @@ import zmq.asyncio
 from prometheus_client.parser import text_string_to_metric_families
 
 from appliance import protocol
-from appliance.aps.server import DEFAULT_DUPLICATE_MESSAGE
-from appliance.aps.server import serve as serve_aps
-from appliance.client import Call, MediaServerClient
 from appliance.config import PeerConfig
+from appliance_sdk import Call, MediaServerClient
+from reference_aps.server import DEFAULT_DUPLICATE_MESSAGE
+from reference_aps.server import serve as serve_aps
 from supervisor.peer_keys import Keypair, main_peer_key
 from supervisor.peers import DuplicateLoginNotice, NoticeFailed, send_notice
 from tests.e2e.conftest import (

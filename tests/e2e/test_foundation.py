@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from appliance import protocol as p
-from appliance.client import Call, MediaServerClient
+from appliance_sdk import Call, MediaServerClient
 from tests.e2e.conftest import eventually, free_port
 
 pytestmark = pytest.mark.e2e

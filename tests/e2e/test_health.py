@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from appliance.client import MediaServerClient
+from appliance_sdk import MediaServerClient
 from tests.e2e.conftest import ROOT, eventually
 
 pytestmark = pytest.mark.e2e
@@ -61,7 +61,7 @@ async def test_metrics_follow_calls_up_and_down(aps: Any, make_appliance: Any) -
         assert busy_channels(appliance) == 3
         # `appliance status` shows the live calls, readably.
         shown = subprocess.run(
-            [sys.executable, "-m", "appliance.cli", "status", "--url", appliance.admin_url],
+            [sys.executable, "-m", "launcher.cli", "status", "--url", appliance.admin_url],
             capture_output=True, text=True, timeout=20, cwd=ROOT,
         )
         assert shown.returncode == 0, shown.stderr

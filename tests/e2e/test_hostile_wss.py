@@ -21,7 +21,7 @@ import psutil
 import pytest
 
 from appliance import protocol as p
-from appliance.client import MediaServerClient
+from appliance_sdk import MediaServerClient
 from supervisor.heap_trim import TRIM_DELAY_S as HEAP_TRIM_DELAY_S
 from tests.e2e.conftest import eventually
 from tests.fuzz_scale import scaled

@@ -371,7 +371,7 @@ async def test_agent_page_sends_the_agent_token_of_its_url(
     import time
 
     from appliance import agent_token
-    from appliance.client import MediaServerClient
+    from appliance_sdk import MediaServerClient
 
     secret_file = tmp_path / "agent-token.secret"
     fd = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

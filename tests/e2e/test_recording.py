@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from appliance.client import MediaServerClient
+from appliance_sdk import MediaServerClient
 from tests.e2e.conftest import ROOT, eventually
 from tests.e2e.test_voice import desk_phone, sipp_ok
 
@@ -37,7 +37,7 @@ def decrypt(
 ) -> subprocess.CompletedProcess[str]:
     data = Path(appliance.sections["appliance"]["data_dir"])
     return subprocess.run(
-        [sys.executable, "-m", "appliance.cli", "decrypt", "--roomkey", str(roomkey),
+        [sys.executable, "-m", "launcher.cli", "decrypt", "--roomkey", str(roomkey),
          "--key-file", str(data / "recording-master.key"), "-o", str(out), str(encrypted)],
         capture_output=True, text=True, timeout=60, cwd=ROOT,
     )

@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 from aiortc.rtp import RtpPacket
 
-from appliance.client import Call
 from appliance.media import dtmf, g711, rtp
+from appliance_sdk import Call
 from tests.e2e.audio_probe import TagReader
 from tests.e2e.conftest import eventually, free_udp_ports
 from tests.e2e.test_voice import place_call, sipp_ok

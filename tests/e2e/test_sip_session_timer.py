@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from appliance.client import MediaServerClient
+from appliance_sdk import MediaServerClient
 from tests.e2e.conftest import eventually, free_udp_ports
 from tests.sipp_runner import Sipp, start_sipp
 

@@ -1,4 +1,4 @@
-"""The simulated desk phone (appliance/deskphone.py) over real loopback sockets: called by
+"""The simulated desk phone (deskphone/phone.py) over real loopback sockets: called by
 our own UAC (SipEndpoint + OutgoingCall), and once by sipp's embedded UAC scenario.
 
     tests/in-loopback-netns.sh .venv/bin/python -m pytest tests/sip/test_deskphone.py -q
@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from appliance.deskphone import DeskPhone, decode_user_to_user
 from appliance.sip.endpoint import SipEndpoint
 from appliance.sip.events import (
     Answered,
@@ -28,6 +27,7 @@ from appliance.sip.events import (
 )
 from appliance.sip.sdp import audio_endpoint, build_offer
 from appliance.sip.transaction import TimerConfig
+from deskphone.phone import DeskPhone, decode_user_to_user
 from tests.sipp_runner import start_sipp
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("loopback_netns")]

@@ -13,7 +13,6 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from appliance.aps.server import DEFAULT_DUPLICATE_MESSAGE, STORE_KEY, serve
 from appliance.aps_client import (
     ApsClient,
     ApsConfigError,
@@ -25,6 +24,7 @@ from appliance.aps_client import (
 )
 from appliance.config import Config
 from appliance.config import from_dict as config_from_dict
+from reference_aps.server import DEFAULT_DUPLICATE_MESSAGE, STORE_KEY, serve
 
 IDENTITY = "A123456789"
 # Small numbers so that every failure path finishes well under a second.

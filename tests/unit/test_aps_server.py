@@ -20,7 +20,7 @@ import pytest
 from aiohttp import web
 
 from appliance import agent_token
-from appliance.aps.server import (
+from reference_aps.server import (
     DEFAULT_AGENT_PAGE_URL,
     DEFAULT_DUPLICATE_MESSAGE,
     GUARD_KEY,
@@ -31,7 +31,7 @@ from appliance.aps.server import (
     parse_identity,
     serve,
 )
-from appliance.aps.store import Store
+from reference_aps.store import Store
 
 IDENTITY = "A123456789"
 API_TOKEN = "test-api-token-0123456789"
@@ -517,7 +517,7 @@ async def test_command_line_aps_creates_a_private_token_and_binds_loopback(
     port = _free_port()
     db = tmp_path / "aps" / "aps.sqlite3"
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "appliance.cli", "aps", "--port", str(port), "--db", str(db),
+        sys.executable, "-m", "launcher.cli", "aps", "--port", str(port), "--db", str(db),
         stderr=asyncio.subprocess.PIPE, cwd=Path(__file__).resolve().parents[2])
     try:
         assert proc.stderr is not None

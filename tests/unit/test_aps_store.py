@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from appliance.aps import store as store_module
-from appliance.aps.store import (
+from appliance.token_file import TokenFileError, load_or_create_token, read_token
+from reference_aps import store as store_module
+from reference_aps.store import (
     ROOMKEY_MAX,
     ROOMKEY_MIN,
     IdentityBlocked,
@@ -21,7 +22,6 @@ from appliance.aps.store import (
     VerifyRequest,
     new_roomkey,
 )
-from appliance.aps.token_file import TokenFileError, load_or_create_token, read_token
 
 
 class FakeClock:

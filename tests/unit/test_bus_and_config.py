@@ -4,7 +4,7 @@ import pytest
 
 from appliance import bus, config
 from appliance import protocol as p
-from appliance.sdp_candidates import local_candidates
+from workers.sdp_candidates import local_candidates
 
 ROOT = Path(__file__).resolve().parents[2]
 

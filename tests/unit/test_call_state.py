@@ -1,7 +1,7 @@
 import pytest
 
 from appliance import protocol as p
-from appliance.call_state import (
+from workers.call_state import (
     CallMachine,
     Event,
     IllegalTransition,

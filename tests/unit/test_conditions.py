@@ -1,4 +1,3 @@
-from appliance import messages
 from appliance.media.conditions import (
     Change,
     Condition,
@@ -9,6 +8,7 @@ from appliance.media.conditions import (
     opus_has_sound,
     pcmu_has_sound,
 )
+from workers import messages
 
 T = Thresholds(hold_s=3.0, clear_s=5.0, silent_mic_s=10.0)
 LOSSY = Sample(video_loss_pct=30.0, receiving_video=True)

@@ -9,7 +9,7 @@ Every endpoint wants ``Authorization: Bearer <API token>`` when the AP-S is give
 first start). With an agent-token secret it also issues, with each roomkey, the token that
 admits the agent's video leg (``appliance.agent_token``), and serves the agent's page link.
 
-Run it with ``python -m appliance.aps.server --port 8480 --db data/aps/aps.sqlite3``.
+Run it with ``python -m reference_aps.server --port 8480 --db data/aps/aps.sqlite3``.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ import msgspec
 from aiohttp import web
 
 from appliance import agent_token
-from appliance.aps.store import IdentityBlocked, Store, VerifyOutcome, VerifyRequest
-from appliance.aps.token_file import TokenFileError, load_or_create_token
+from appliance.token_file import TokenFileError, load_or_create_token
+from reference_aps.store import IdentityBlocked, Store, VerifyOutcome, VerifyRequest
 
 log = logging.getLogger("appliance.aps")
 

@@ -14,7 +14,7 @@ from appliance import config as cfg
 from appliance import logsafe
 
 if TYPE_CHECKING:
-    from appliance.aps.server import AgentLinks
+    from reference_aps.server import AgentLinks
 
 log = logging.getLogger("appliance")
 
@@ -44,7 +44,7 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 
 def cmd_aps(args: argparse.Namespace) -> None:
-    from appliance.aps.server import run_forever, security_options
+    from reference_aps.server import run_forever, security_options
 
     _setup_logging("INFO")
     run_forever(args.host, args.port, args.db, **security_options(args))
@@ -54,8 +54,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     """The appliance and the reference AP-S together, on this machine."""
     import uvloop
 
-    from appliance.aps.server import serve as serve_aps
-    from appliance.deskphone import DeskPhone
+    from deskphone.phone import DeskPhone
+    from reference_aps.server import serve as serve_aps
     from supervisor.main import serve
 
     config = _load(args.config)
@@ -109,9 +109,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 def _demo_aps_security(config: cfg.Config, agent_page: str) -> tuple[str, AgentLinks]:
     """The demo's AP-S API token (the appliance reads the same file) and agent links."""
-    from appliance.aps.server import AgentLinks
-    from appliance.aps.token_file import TokenFileError, load_or_create_token
     from appliance.aps_client import api_token_path
+    from appliance.token_file import TokenFileError, load_or_create_token
+    from reference_aps.server import AgentLinks
 
     token_path = api_token_path(config) or config.data_path / "aps" / "api-token"
     config.aps.api_token_file = str(token_path)
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     aps.add_argument("--host", default="127.0.0.1")
     aps.add_argument("--port", type=int, default=8480)
     aps.add_argument("--db", default=str(Path("data") / "aps" / "aps.sqlite3"))
-    from appliance.aps.server import add_security_arguments
+    from reference_aps.server import add_security_arguments
 
     add_security_arguments(aps)  # API token file, agent-token secret, TTL, agent page URL
     aps.set_defaults(func=cmd_aps)

@@ -10,7 +10,7 @@ phone), so the caller hears their own voice. It is built on the appliance's own 
     ...
     await phone.close()  # BYE to every call, sockets closed
 
-or from a shell: `python -m appliance.deskphone --listen 127.0.0.1:5080 --ring 2`.
+or from a shell: `python -m deskphone --listen 127.0.0.1:5080 --ring 2`.
 """
 
 from __future__ import annotations
@@ -450,7 +450,7 @@ def _port_range(text: str) -> tuple[int, int]:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m appliance.deskphone",
+        prog="python -m deskphone",
         description="A simulated agent desk phone: rings, answers and echoes the caller.",
     )
     parser.add_argument("--listen", type=_address, default=("127.0.0.1", 5080), metavar="H:P")

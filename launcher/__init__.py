@@ -1,0 +1,1 @@
+"""The `appliance` command (run, demo, aps, convert, decrypt, status): starts the programs."""
