@@ -1,0 +1,2 @@
+"""The appliance's libraries, by layer (README "Packages"): core, then sip and media, then
+recording and the edges. Programs (supervisor, workers, ...) import these; never the reverse."""

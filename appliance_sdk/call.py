@@ -21,7 +21,7 @@ from aiortc.sdp import candidate_from_sdp
 from av.frame import Frame
 from msgspec import UNSET
 
-from appliance import protocol
+from appliance.core import protocol
 
 from .media import FrameCounter
 

@@ -25,8 +25,8 @@ from aiortc import RTCPeerConnection, RTCRtpSender, RTCRtpTransceiver
 from aiortc.mediastreams import MediaStreamTrack
 from msgspec import UNSET
 
-from appliance import protocol
-from appliance.rtc_adapter import CandidatePolicy, apply_candidate_policy, make_configuration
+from appliance.core import protocol
+from appliance.edges.rtc_adapter import CandidatePolicy, apply_candidate_policy, make_configuration
 
 from .call import Call, Event, event_name
 from .media import ColorBarsVideoTrack, ToneAudioTrack

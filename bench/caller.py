@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from appliance.edges.rtc_adapter import SilentTrack, SrtpFastPath, sender_ssrc
 from appliance.media import rtcp
-from appliance.rtc_adapter import SilentTrack, SrtpFastPath, sender_ssrc
 from appliance_sdk import Call, MediaServerClient
 from bench import control
 from bench.media_cache import (

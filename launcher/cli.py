@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from appliance import config as cfg
-from appliance import logsafe
+from appliance.core import config as cfg
+from appliance.core import logsafe
 
 if TYPE_CHECKING:
     from reference_aps.server import AgentLinks
@@ -109,8 +109,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 def _demo_aps_security(config: cfg.Config, agent_page: str) -> tuple[str, AgentLinks]:
     """The demo's AP-S API token (the appliance reads the same file) and agent links."""
-    from appliance.aps_client import api_token_path
-    from appliance.token_file import TokenFileError, load_or_create_token
+    from appliance.core.token_file import TokenFileError, load_or_create_token
+    from appliance.edges.aps_client import api_token_path
     from reference_aps.server import AgentLinks
 
     token_path = api_token_path(config) or config.data_path / "aps" / "api-token"

@@ -7,7 +7,7 @@ The HTTP contract is documented for integrators in docs/aps-api.md.
 Every endpoint wants ``Authorization: Bearer <API token>`` when the AP-S is given a token
 (the command line always gives one: the token file next to the database, created 0600 on
 first start). With an agent-token secret it also issues, with each roomkey, the token that
-admits the agent's video leg (``appliance.agent_token``), and serves the agent's page link.
+admits the agent's video leg (``appliance.core.agent_token``), and serves the agent's page link.
 
 Run it with ``python -m reference_aps.server --port 8480 --db data/aps/aps.sqlite3``.
 """
@@ -32,8 +32,8 @@ from urllib.parse import parse_qs, quote, unquote
 import msgspec
 from aiohttp import web
 
-from appliance import agent_token
-from appliance.token_file import TokenFileError, load_or_create_token
+from appliance.core import agent_token
+from appliance.core.token_file import TokenFileError, load_or_create_token
 from reference_aps.store import IdentityBlocked, Store, VerifyOutcome, VerifyRequest
 
 log = logging.getLogger("appliance.aps")

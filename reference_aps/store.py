@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from appliance.private_files import makedirs_private
+from appliance.core.private_files import makedirs_private
 
 log = logging.getLogger("appliance.aps")
 

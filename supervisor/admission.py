@@ -22,8 +22,8 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from appliance.netaddr import normal_ip
-from appliance.throttle import TokenBucket
+from appliance.core.netaddr import normal_ip
+from appliance.core.throttle import TokenBucket
 
 # Q.850 42 "switching equipment congestion": the box has room, this client is over its share.
 CAUSE_CONGESTION = 42

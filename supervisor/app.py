@@ -20,14 +20,15 @@ import zmq
 import zmq.asyncio
 from msgspec import UNSET
 
-from appliance import agent_token, bus
-from appliance import protocol as p
-from appliance.aps_client import ApsClient, ApsUnavailable
-from appliance.config import Config
-from appliance.config_secrets import encode_line, split
-from appliance.periodic import FailureLog, Periodic, call_later_safe
-from appliance.tasks import spawn
-from appliance.token_file import TokenFileError, read_token
+from appliance.core import agent_token
+from appliance.core import protocol as p
+from appliance.core.config import Config
+from appliance.core.config_secrets import encode_line, split
+from appliance.core.periodic import FailureLog, Periodic, call_later_safe
+from appliance.core.tasks import spawn
+from appliance.core.token_file import TokenFileError, read_token
+from appliance.edges import bus
+from appliance.edges.aps_client import ApsClient, ApsUnavailable
 from supervisor.admission import (
     CAUSE_CONGESTION,
     TOO_MANY_ROOMKEYS,

@@ -16,14 +16,14 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from appliance import bus
-from appliance import protocol as p
-from appliance.config import Config
+from appliance.core import protocol as p
+from appliance.core.config import Config
+from appliance.core.tasks import spawn
+from appliance.edges import bus
 from appliance.sip.auth import Credentials
 from appliance.sip.endpoint import SipEndpoint
 from appliance.sip.orphan import DialogClosed
 from appliance.sip.snapshot import DialogSnapshot
-from appliance.tasks import spawn
 
 log = logging.getLogger("appliance.supervisor")
 

@@ -27,8 +27,8 @@ from typing import Any, cast
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from appliance import protocol as p
-from appliance.config import SignallingConfig
+from appliance.core import protocol as p
+from appliance.core.config import SignallingConfig
 from supervisor.admission import LogBudget, address_key
 from supervisor.app import ClientConn, Supervisor
 from supervisor.conn_guard import ConnectionGuard

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
-from appliance import bus
+from appliance.edges import bus
 
 if TYPE_CHECKING:
     from supervisor.app import Supervisor

@@ -10,10 +10,10 @@ import signal
 import msgspec
 from aiohttp import web
 
-from appliance import config as cfg
-from appliance import config_secrets
-from appliance.private_files import create_private
-from appliance.tls import ensure_certificate, server_context
+from appliance.core import config as cfg
+from appliance.core import config_secrets
+from appliance.core.private_files import create_private
+from appliance.core.tls import ensure_certificate, server_context
 from supervisor.app import Supervisor
 from supervisor.front import GuardedSite, build_runner
 
@@ -25,7 +25,7 @@ def prepare_data_dir(config: cfg.Config) -> str:
 
     run/ (the bus socket, the effective config) and tls/ (the key) are 0700: only this
     user may connect to the bus or read them. The effective config holds no secret
-    (appliance/config_secrets.py): the workers get those on their stdin."""
+    (appliance/core/config_secrets.py): the workers get those on their stdin."""
     data = config.data_path
     data.mkdir(parents=True, exist_ok=True)
     for sub in ("run", "tls"):

@@ -19,7 +19,7 @@ from pathlib import Path
 import zmq
 import zmq.auth
 
-from appliance import config as cfg
+from appliance.core import config as cfg
 
 log = logging.getLogger("appliance.peers")
 

@@ -38,7 +38,7 @@ from zmq.auth.asyncio import AsyncioAuthenticator
 from zmq.utils import z85
 from zmq.utils.monitor import parse_monitor_message
 
-from appliance.config import Config, PeerConfig
+from appliance.core.config import Config, PeerConfig
 from supervisor.peer_keys import Keypair, PeerKeyError, load_or_create
 
 log = logging.getLogger("appliance.peers")

@@ -41,7 +41,7 @@ class WorkerPool:
         self.restart_delay = restart_delay
         self.on_exit = on_exit
         # The config's secrets, one JSON line each worker reads on its stdin at spawn: they
-        # never touch a file (appliance/config_secrets.py).
+        # never touch a file (appliance/core/config_secrets.py).
         self.secrets = secrets
         self.stopping = False
 

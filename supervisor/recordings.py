@@ -16,11 +16,11 @@ import shlex
 import sys
 from pathlib import Path
 
-from appliance.aps_client import ApsClient, ApsUnavailable
-from appliance.config import Config
+from appliance.core.config import Config
+from appliance.core.tasks import spawn
+from appliance.edges.aps_client import ApsClient, ApsUnavailable
 from appliance.recording.formats import JobError, load_job, resolve_in, try_lock_capture
 from appliance.recording.keys import load_or_create_master
-from appliance.tasks import spawn
 
 log = logging.getLogger("appliance.recordings")
 

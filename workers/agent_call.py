@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from msgspec import UNSET
 
-from appliance import protocol as p
+from appliance.core import protocol as p
 from workers.call_state import Event, Release
 from workers.leg import WebRtcLeg
 

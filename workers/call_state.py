@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum, auto
 
-from appliance import protocol as p
+from appliance.core import protocol as p
 
 
 class State(Enum):

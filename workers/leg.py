@@ -18,20 +18,20 @@ from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.sdp import candidate_from_sdp
 from msgspec import UNSET
 
-from appliance import bus
-from appliance import protocol as p
-from appliance.media import rtcp
-from appliance.media.codec_choice import CodecChoice, NoCommonCodec, choose_codecs
-from appliance.media.rtp import ABS_SEND_TIME_URI
-from appliance.media.video import VideoSink
-from appliance.rtc_adapter import (
+from appliance.core import protocol as p
+from appliance.core.tasks import spawn
+from appliance.edges import bus
+from appliance.edges.rtc_adapter import (
     SilentTrack,
     SrtpFastPath,
     apply_candidate_policy,
     make_configuration,
     sender_ssrc,
 )
-from appliance.tasks import spawn
+from appliance.media import rtcp
+from appliance.media.codec_choice import CodecChoice, NoCommonCodec, choose_codecs
+from appliance.media.rtp import ABS_SEND_TIME_URI
+from appliance.media.video import VideoSink
 from workers.call_state import CallMachine, Event, Release, Transition
 from workers.sdp_candidates import extension_id, local_candidates
 

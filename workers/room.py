@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from appliance import protocol as p
+from appliance.core import protocol as p
 from appliance.media.quality import Figures, PartyQuality, StreamMeter
 from appliance.media.video import VIDEO_CLOCK, VideoPath
 from workers.room_watch import RoomWatch

@@ -7,7 +7,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from appliance import protocol as p
+from appliance.core import protocol as p
 from appliance.media.conditions import (
     MESSAGE_IDS,
     Change,

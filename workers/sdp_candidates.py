@@ -3,7 +3,7 @@ message each, PROTOCOL.md step 4) and negotiated header-extension ids."""
 
 from __future__ import annotations
 
-from appliance import protocol as p
+from appliance.core import protocol as p
 
 
 def _sections(sdp: str) -> list[list[str]]:

@@ -12,14 +12,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from appliance.config import Config
+from appliance.core.config import Config
+from appliance.edges.rtc_adapter import audio_sender, sync_sender_report
 from appliance.media import rtp
 from appliance.media.codec_choice import AudioChoice
 from appliance.media.ringback import Cadence
 from appliance.media.rtp import ntp_now
 from appliance.media.sip_rtp import RtpSocketPair
 from appliance.media.voice import BrowserAudio, VoiceBridge
-from appliance.rtc_adapter import audio_sender, sync_sender_report
 from appliance.sip import events as sip_events
 from appliance.sip.auth import Credentials
 from appliance.sip.endpoint import SipEndpoint

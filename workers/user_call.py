@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING
 
 from msgspec import UNSET
 
-from appliance import bus
-from appliance import protocol as p
-from appliance.aps_client import ApsUnavailable, VerifyRejected, VerifyResult
+from appliance.core import protocol as p
+from appliance.core.tasks import spawn
+from appliance.edges import bus
+from appliance.edges.aps_client import ApsUnavailable, VerifyRejected, VerifyResult
 from appliance.recording.capture import CallRecorder
-from appliance.tasks import spawn
 from workers.call_state import Event, Release, State
 from workers.leg import WebRtcLeg
 from workers.room import Room

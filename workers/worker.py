@@ -19,18 +19,19 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from appliance import bus, config_secrets, logsafe
-from appliance import protocol as p
-from appliance.aps_client import ApsClient, ApsUnavailable
-from appliance.config import Config
+from appliance.core import config_secrets, logsafe
+from appliance.core import protocol as p
+from appliance.core.config import Config
+from appliance.core.periodic import FailureLog, Periodic
+from appliance.core.tasks import spawn
+from appliance.edges import bus
+from appliance.edges.aps_client import ApsClient, ApsUnavailable
+from appliance.edges.rtc_adapter import DECODERS, CandidatePolicy
 from appliance.media.datagrams import DROPS
-from appliance.periodic import FailureLog, Periodic
-from appliance.rtc_adapter import DECODERS, CandidatePolicy
 from appliance.sip.auth import Credentials
 from appliance.sip.endpoint import SipEndpoint
 from appliance.sip.orphan import DialogClosed
 from appliance.sip.snapshot import DialogSnapshot
-from appliance.tasks import spawn
 from workers.agent_call import AgentCall
 from workers.health import LoopLagProbe
 from workers.leg import WebRtcLeg

@@ -17,7 +17,7 @@ Before any SDP (INVITE sent, no 183/200 yet) nothing is accepted.
 
 from __future__ import annotations
 
-from appliance.netaddr import normal_ip
+from appliance.core.netaddr import normal_ip
 
 Address = tuple[str, int]
 

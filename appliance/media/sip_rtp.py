@@ -9,9 +9,9 @@ import random
 import time
 from collections.abc import Callable
 
+from appliance.core.throttle import Tally
 from appliance.media.datagrams import DROPS, fits
 from appliance.media.udp_send import DirectSender
-from appliance.throttle import Tally
 
 log = logging.getLogger("appliance.rtp")
 

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from appliance.core.throttle import Tally
 from appliance.media import rtp
 from appliance.media.conditions import opus_has_sound, pcmu_has_sound
 from appliance.media.datagrams import DROPS
@@ -28,7 +29,6 @@ from appliance.media.ringback import Cadence, Ringback
 from appliance.media.rtp_source import PeerFilter
 from appliance.media.sip_rtp import Address, RtpSocketPair
 from appliance.media.transcode import OpusToPcmu, PcmuToOpus
-from appliance.throttle import Tally
 
 if TYPE_CHECKING:
     from appliance.recording.capture import CallRecorder

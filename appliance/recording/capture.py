@@ -19,7 +19,7 @@ import logging
 import time
 from pathlib import Path
 
-from appliance.periodic import FailureLog
+from appliance.core.periodic import FailureLog
 from appliance.recording.formats import (
     IvfWriter,
     Job,

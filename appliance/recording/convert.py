@@ -28,7 +28,7 @@ import av
 from av.audio.stream import AudioStream
 from av.stream import Stream
 
-from appliance.private_files import create_private, fsync_dir, makedirs_private
+from appliance.core.private_files import create_private, fsync_dir, makedirs_private
 from appliance.recording import keys
 from appliance.recording.crypto import (
     RecordingDecryptError,

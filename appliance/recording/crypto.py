@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from appliance.private_files import create_private, fsync_dir
+from appliance.core.private_files import create_private, fsync_dir
 from appliance.recording import keys
 
 MAGIC = b"\x89REC\r\n\x1a\n"  # PNG-style: binary, and line-ending mangling breaks it visibly

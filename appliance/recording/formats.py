@@ -31,12 +31,12 @@ from typing import BinaryIO, Literal, Self
 
 import msgspec
 
+from appliance.core.private_files import create_private, fsync_dir, makedirs_private
 from appliance.media import vp8
 
 # The frame-level VP8 readers the recorder and the Convertor use, under their old names.
 from appliance.media.vp8 import frame_is_keyframe as vp8_is_keyframe
 from appliance.media.vp8 import frame_keyframe_size as vp8_keyframe_size
-from appliance.private_files import create_private, fsync_dir, makedirs_private
 
 
 class CaptureFormatError(Exception):

@@ -12,7 +12,7 @@ import os
 import secrets
 from pathlib import Path
 
-from appliance.private_files import (
+from appliance.core.private_files import (
     create_private,
     fsync_dir,
     makedirs_private,
@@ -29,7 +29,7 @@ class MasterKeyError(Exception):
 def default_key_path(config_path: str | None = None) -> Path:
     """The key file the appliance's config names ([recording] master_key_file, or the default
     under data_dir): what `appliance decrypt`/`convert` use without --key-file."""
-    from appliance import config as cfg  # here: the offline tools need no config otherwise
+    from appliance.core import config as cfg  # here: the offline tools need no config otherwise
 
     try:
         return cfg.load(config_path).master_key_path

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
-from appliance.throttle import Tally, TokenBucket
+from appliance.core.throttle import Tally, TokenBucket
 
 from .auth import Credentials
 from .call import ACCEPT, OutgoingCall, new_tag

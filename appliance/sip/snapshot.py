@@ -3,7 +3,7 @@
 A worker that dies (kill -9, a crash) takes its SIP calls with it, but the desk phones and
 the PBX still hold those dialogs: nothing would ever send them BYE. So while a call is
 confirmed the worker hands the supervisor this snapshot of its dialog (the supervisor keeps
-it over the bus, `appliance/bus.py`), and if the worker dies its replacement, or the
+it over the bus, `appliance/edges/bus.py`), and if the worker dies its replacement, or the
 supervisor itself, rebuilds the dialog from it and sends an RFC 3261-correct BYE
 (`orphan.py`).
 

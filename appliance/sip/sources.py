@@ -27,24 +27,10 @@ import ipaddress
 from collections.abc import Iterable
 from functools import lru_cache
 
-from appliance.netaddr import normal_ip
+from appliance.core.netaddr import normal_ip, parse_networks
 
 from .message import SipParseError, parse_name_addr, parse_uri
 from .transaction import Addr
-
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-def parse_networks(entries: Iterable[str]) -> list[Network]:
-    """`allowed_sources` entries: an address ("10.1.2.3", "2001:db8::5") or a network
-    ("10.1.2.0/24"). Raises ValueError naming the bad entry."""
-    networks: list[Network] = []
-    for entry in entries:
-        try:
-            networks.append(ipaddress.ip_network(entry.strip(), strict=False))
-        except ValueError as exc:
-            raise ValueError(f"not an address or network: {entry!r} ({exc})") from None
-    return networks
 
 
 @lru_cache(maxsize=4096)

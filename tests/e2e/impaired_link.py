@@ -14,7 +14,7 @@ from typing import Any
 
 from aiortc import RTCPeerConnection
 
-from appliance.rtc_adapter import _ice_connections
+from appliance.edges.rtc_adapter import _ice_connections
 
 
 def _is_rtp(data: bytes) -> bool:

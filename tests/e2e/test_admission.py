@@ -17,8 +17,8 @@ import pytest
 from aiortc import RTCPeerConnection
 from msgspec import UNSET
 
-from appliance import agent_token
-from appliance import protocol as p
+from appliance.core import agent_token
+from appliance.core import protocol as p
 from appliance_sdk import Call, MediaServerClient
 from tests.e2e.conftest import eventually
 from tests.e2e.test_video import roomkey_of

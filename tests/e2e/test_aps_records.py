@@ -28,9 +28,9 @@ import pytest
 from aiohttp import web
 from aiortc import RTCPeerConnection
 
-from appliance import agent_token
-from appliance import protocol as p
-from appliance.token_file import load_or_create_token, read_token
+from appliance.core import agent_token
+from appliance.core import protocol as p
+from appliance.core.token_file import load_or_create_token, read_token
 from reference_aps.server import serve as serve_aps
 from tests.e2e.conftest import ROOT, eventually, free_port, free_udp_ports, write_toml
 from tests.fuzz_scale import scaled

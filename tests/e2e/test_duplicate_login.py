@@ -26,8 +26,8 @@ import zmq
 import zmq.asyncio
 from prometheus_client.parser import text_string_to_metric_families
 
-from appliance import protocol
-from appliance.config import PeerConfig
+from appliance.core import protocol
+from appliance.core.config import PeerConfig
 from appliance_sdk import Call, MediaServerClient
 from reference_aps.server import DEFAULT_DUPLICATE_MESSAGE
 from reference_aps.server import serve as serve_aps

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from appliance import protocol as p
+from appliance.core import protocol as p
 from appliance_sdk import Call, MediaServerClient
 from tests.e2e.conftest import eventually, free_port
 

@@ -20,7 +20,7 @@ import aiohttp
 import psutil
 import pytest
 
-from appliance import protocol as p
+from appliance.core import protocol as p
 from appliance_sdk import MediaServerClient
 from supervisor.heap_trim import TRIM_DELAY_S as HEAP_TRIM_DELAY_S
 from tests.e2e.conftest import eventually

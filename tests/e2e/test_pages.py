@@ -370,7 +370,7 @@ async def test_agent_page_sends_the_agent_token_of_its_url(
     import os
     import time
 
-    from appliance import agent_token
+    from appliance.core import agent_token
     from appliance_sdk import MediaServerClient
 
     secret_file = tmp_path / "agent-token.secret"

@@ -7,6 +7,7 @@ import logging
 
 import pytest
 
+from appliance.core.throttle import Tally, TokenBucket
 from appliance.sip.agent import REFUSAL_BURST, STATELESS_BURST, SipAgent
 from appliance.sip.call import CallState, OutgoingCall
 from appliance.sip.events import (
@@ -20,7 +21,6 @@ from appliance.sip.message import SipRequest, SipResponse, cseq_of, serialize
 from appliance.sip.sdp import build_offer
 from appliance.sip.sources import SourcePolicy, dialog_peers, normal_ip, parse_networks
 from appliance.sip.uas import IncomingCall
-from appliance.throttle import Tally, TokenBucket
 
 from .peer import ANSWER_SDP, LOCAL, OFFER, PROXY, in_dialog_request, reply, sent
 
@@ -280,7 +280,7 @@ def _options(call_id: str = "ping-1") -> bytes:
 
 
 def test_config_keys_are_validated() -> None:
-    from appliance.config import ConfigError, from_dict
+    from appliance.core.config import ConfigError, from_dict
 
     config = from_dict({"sip": {"allowed_sources": ["10.1.2.0/24", "2001:db8::5"],
                                 "strict_source_port": True}})

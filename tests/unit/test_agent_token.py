@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from appliance.agent_token import MAX_TOKEN_CHARS, TokenRefused, check, issue
+from appliance.core.agent_token import MAX_TOKEN_CHARS, TokenRefused, check, issue
 
 SECRET = b"s" * 32
 

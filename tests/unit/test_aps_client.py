@@ -13,7 +13,9 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from appliance.aps_client import (
+from appliance.core.config import Config
+from appliance.core.config import from_dict as config_from_dict
+from appliance.edges.aps_client import (
     ApsClient,
     ApsConfigError,
     ApsError,
@@ -22,8 +24,6 @@ from appliance.aps_client import (
     VerifyRejected,
     VerifyResult,
 )
-from appliance.config import Config
-from appliance.config import from_dict as config_from_dict
 from reference_aps.server import DEFAULT_DUPLICATE_MESSAGE, STORE_KEY, serve
 
 IDENTITY = "A123456789"

@@ -19,7 +19,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from appliance import agent_token
+from appliance.core import agent_token
 from reference_aps.server import (
     DEFAULT_AGENT_PAGE_URL,
     DEFAULT_DUPLICATE_MESSAGE,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.token_file import TokenFileError, load_or_create_token, read_token
+from appliance.core.token_file import TokenFileError, load_or_create_token, read_token
 from reference_aps import store as store_module
 from reference_aps.store import (
     ROOMKEY_MAX,

@@ -2,8 +2,9 @@ from pathlib import Path
 
 import pytest
 
-from appliance import bus, config
-from appliance import protocol as p
+from appliance.core import config
+from appliance.core import protocol as p
+from appliance.edges import bus
 from workers.sdp_candidates import local_candidates
 
 ROOT = Path(__file__).resolve().parents[2]

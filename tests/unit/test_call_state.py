@@ -1,6 +1,6 @@
 import pytest
 
-from appliance import protocol as p
+from appliance.core import protocol as p
 from workers.call_state import (
     CallMachine,
     Event,

@@ -29,8 +29,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from appliance import protocol
-from appliance.rtc_adapter import CandidatePolicy, apply_candidate_policy, make_configuration
+from appliance.core import protocol
+from appliance.edges.rtc_adapter import CandidatePolicy, apply_candidate_policy, make_configuration
 from appliance_sdk import Call, CallEnded, MediaServerClient
 
 LOOPBACK = CandidatePolicy.from_strings(["127.0.0.1"], port_min=0, port_max=0)

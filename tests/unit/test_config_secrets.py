@@ -10,8 +10,8 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from appliance import config as cfg
-from appliance import config_secrets
+from appliance.core import config as cfg
+from appliance.core import config_secrets
 from supervisor.main import prepare_data_dir
 
 PASSWORD = "pa55-w0rd-nobody-may-read"

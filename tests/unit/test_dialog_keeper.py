@@ -7,8 +7,8 @@ from __future__ import annotations
 import asyncio
 import socket
 
-from appliance import bus
-from appliance.config import from_dict
+from appliance.core.config import from_dict
+from appliance.edges import bus
 from appliance.sip.message import SipRequest, cseq_of, parse
 from appliance.sip.snapshot import DialogSnapshot
 from supervisor.dialogs import DialogKeeper

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import logging
 
-from appliance import logsafe
+from appliance.core import logsafe
 
 
 def _logger_to(stream: io.StringIO) -> logging.Logger:

@@ -24,19 +24,19 @@ from aiortc import RTCPeerConnection
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from appliance.media import rtcp, rtp
-from appliance.media.datagrams import DROPS, MAX_DATAGRAM
-from appliance.media.quality import StreamMeter
-from appliance.media.sip_rtp import RtpSocketPair
-from appliance.media.video import VideoPath, VideoSink
-from appliance.media.voice import BrowserAudio, VoiceBridge
-from appliance.rtc_adapter import (
+from appliance.edges.rtc_adapter import (
     CandidatePolicy,
     SrtpFastPath,
     _dtls_transport,
     apply_candidate_policy,
     make_configuration,
 )
+from appliance.media import rtcp, rtp
+from appliance.media.datagrams import DROPS, MAX_DATAGRAM
+from appliance.media.quality import StreamMeter
+from appliance.media.sip_rtp import RtpSocketPair
+from appliance.media.video import VideoPath, VideoSink
+from appliance.media.voice import BrowserAudio, VoiceBridge
 from tests.fuzz_scale import scaled
 
 pytestmark = pytest.mark.fuzz

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import zmq
 
-from appliance import config
+from appliance.core import config
 from supervisor.peer_keys import load_or_create, main_peer_key
 from supervisor.peers import (
     DELIVERED,

@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from appliance.periodic import FailureLog, Periodic, call_later_safe
+from appliance.core.periodic import FailureLog, Periodic, call_later_safe
 
 
 def emfile() -> OSError:

@@ -3,7 +3,7 @@
 import msgspec
 import pytest
 
-from appliance import protocol as p
+from appliance.core import protocol as p
 
 SDP = "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n"
 

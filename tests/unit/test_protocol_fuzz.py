@@ -16,8 +16,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from appliance import bus
-from appliance import protocol as p
+from appliance.core import protocol as p
+from appliance.edges import bus
 from tests.fuzz_scale import scaled
 from tests.unit.test_protocol import SDP, offer_frame
 

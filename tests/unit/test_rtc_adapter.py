@@ -5,7 +5,7 @@ import asyncio
 import pytest
 from aiortc import RTCPeerConnection
 
-from appliance.rtc_adapter import (
+from appliance.edges.rtc_adapter import (
     CandidatePolicy,
     HostAddress,
     apply_candidate_policy,

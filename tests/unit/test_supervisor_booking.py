@@ -17,9 +17,10 @@ import pytest
 import zmq
 from msgspec import UNSET
 
-from appliance import agent_token, bus
-from appliance import config as cfg
-from appliance import protocol as p
+from appliance.core import agent_token
+from appliance.core import config as cfg
+from appliance.core import protocol as p
+from appliance.edges import bus
 from supervisor.app import ClientConn, Supervisor
 
 SDP = "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n"

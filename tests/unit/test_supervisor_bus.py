@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import zmq
 
-from appliance import bus
-from appliance import config as cfg
+from appliance.core import config as cfg
+from appliance.edges import bus
 from supervisor.app import Supervisor
 
 

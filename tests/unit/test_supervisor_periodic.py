@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from appliance import config as cfg
+from appliance.core import config as cfg
 from supervisor import health
 from supervisor.app import Supervisor
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance import bus
-from appliance import config as cfg
+from appliance.core import config as cfg
+from appliance.edges import bus
 from workers.worker import Worker
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import msgspec
 
-from appliance import protocol
+from appliance.core import protocol
 from appliance.sip.snapshot import DialogSnapshot
 
 

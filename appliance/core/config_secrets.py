@@ -18,7 +18,7 @@ from typing import IO, Any
 
 import msgspec
 
-from appliance.config import SECRETS, Config
+from appliance.core.config import SECRETS, Config
 
 MAX_SECRETS_LINE = 64 * 1024  # what a worker reads from stdin at most
 

@@ -135,7 +135,7 @@ class Offer(_Action, tag="offer"):
     audio: str | UnsetType = UNSET
     protocol: str | UnsetType = UNSET
     location_ip: str | UnsetType = UNSET
-    # The agent's credential (appliance/agent_token.py): AP-S issues it with the roomkey;
+    # The agent's credential (appliance/core/agent_token.py): AP-S issues it with the roomkey;
     # with `[aps] require_agent_token` an Agent offer without a valid one is refused.
     token: str | UnsetType = UNSET
 

@@ -38,9 +38,9 @@ from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCRtpSend
 from aiortc.mediastreams import MediaStreamTrack
 from aiortc.rtcdtlstransport import RTCDtlsTransport
 
+from appliance.core.throttle import Tally
 from appliance.media.datagrams import DROPS, fits
 from appliance.media.udp_send import DirectSender
-from appliance.throttle import Tally
 
 log = logging.getLogger("appliance.rtc")
 

@@ -13,6 +13,8 @@ from typing import Any
 
 import msgspec
 
+from appliance.core.netaddr import parse_networks
+
 
 class SignallingConfig(msgspec.Struct, forbid_unknown_fields=True):
     listen: str = "0.0.0.0"
@@ -74,7 +76,7 @@ class ApsConfig(msgspec.Struct, forbid_unknown_fields=True):
     url: str = "http://127.0.0.1:8480"
     timeout: float = 2.0
     attempts: int = 3
-    # The agent's credential (appliance/agent_token.py): a file (mode 0600) holding the secret
+    # The agent's credential (appliance/core/agent_token.py): a file (mode 0600) holding the secret
     # AP-S signs agent tokens with; empty: no tokens. With require_agent_token an Agent offer
     # must carry a valid `token`; without it a token, when sent, is still checked.
     agent_token_secret_file: str = ""
@@ -231,7 +233,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
 
 # Config values that are secrets (dotted paths). They never reach a file the appliance writes:
 # the effective config the workers read has them removed, and each worker gets them on its
-# stdin at spawn (appliance/config_secrets.py). Add any new inline secret here.
+# stdin at spawn (appliance/core/config_secrets.py). Add any new inline secret here.
 SECRETS: tuple[str, ...] = (
     "sip.password",
     "media.ice_servers",  # whole list: a TURN server's credential is in it
@@ -289,8 +291,6 @@ def _validate(config: Config, source: str) -> None:
         raise ConfigError(f"{source}: sip.dtmf_mode must be 'rfc4733' or 'info'")
     if not 0 < config.sip.rtp_port_min < config.sip.rtp_port_max <= 65535:
         raise ConfigError(f"{source}: need 0 < sip.rtp_port_min < sip.rtp_port_max <= 65535")
-    from appliance.sip.sources import parse_networks
-
     try:
         parse_networks(config.sip.allowed_sources)
     except ValueError as exc:

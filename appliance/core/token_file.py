@@ -12,7 +12,7 @@ import os
 import secrets
 from pathlib import Path
 
-from appliance.private_files import (
+from appliance.core.private_files import (
     create_private,
     fsync_dir,
     makedirs_private,

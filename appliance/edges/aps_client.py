@@ -28,10 +28,10 @@ from typing import TYPE_CHECKING, Any, Literal, Self
 
 import aiohttp
 
-from appliance.token_file import TokenFileError, read_token
+from appliance.core.token_file import TokenFileError, read_token
 
 if TYPE_CHECKING:
-    from appliance.config import Config
+    from appliance.core.config import Config
 
 log = logging.getLogger("appliance.aps_client")
 
