@@ -28,7 +28,7 @@ from appliance.core.periodic import FailureLog, Periodic, call_later_safe
 from appliance.core.tasks import spawn
 from appliance.core.token_file import TokenFileError, read_token
 from appliance.edges import bus
-from appliance.edges.aps_client import ApsClient, ApsUnavailable
+from appliance.edges.aps_client import ApsClient
 from supervisor.admission import (
     CAUSE_CONGESTION,
     TOO_MANY_ROOMKEYS,
@@ -622,12 +622,9 @@ class Supervisor:
         call_later_safe(0.5, self.recordings.pick_up_leftovers, "recording leftovers pickup")
 
     async def _report_released(self, roomkey: int, cause: int, causestring: str) -> None:
-        try:
-            await self.aps.call_event(roomkey, "released", time.time(), cause, causestring)
-            if not self.recordings.has_job(roomkey):  # else EndCall waits for the Convertor
-                await self.aps.end_call(roomkey, "")
-        except ApsUnavailable as exc:
-            log.warning("AP-S did not take the end of call %d: %s", roomkey, exc)
+        # A recorded call's EndCall waits for the Convertor (it names the file).
+        await self.aps.report_released(roomkey, cause, causestring,
+                                       end_call=not self.recordings.has_job(roomkey))
 
     async def _release_record(self, record: CallRecord, cause: int, causestring: str) -> None:
         self._free(record.channel)

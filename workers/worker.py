@@ -295,18 +295,9 @@ class Worker:
 
     async def report_released(self, roomkey: int, cause: int, causestring: str,
                               recorded: bool = False) -> None:
-        """Tell AP-S the call ended (its CDR). Never blocks the call's teardown. A recorded
-        call's EndCall comes from the supervisor, once its recording is encrypted."""
-        try:
-            await self.aps.call_event(roomkey, "released", time.time(), cause, causestring)
-        except ApsUnavailable as exc:
-            log.warning("AP-S did not take the release of call %d: %s", roomkey, exc)
-        if recorded:
-            return
-        try:  # on its own: a lost CallEvent must not leave the record live
-            await self.aps.end_call(roomkey, "")
-        except ApsUnavailable as exc:
-            log.warning("AP-S did not take the end of call %d: %s", roomkey, exc)
+        """Tell AP-S the call ended (its CDR). A recorded call's EndCall comes from the
+        supervisor, once its recording is encrypted."""
+        await self.aps.report_released(roomkey, cause, causestring, end_call=not recorded)
 
     # -- shutdown ------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ import asyncio
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -234,6 +235,24 @@ class ApsClient:
         """Report the end of the call; record_file is "" when it was not recorded."""
         body = {"appliance_id": self.appliance_id, "roomkey": roomkey, "record_file": record_file}
         return _report_accepted("/EndCall", roomkey, await self._post("/EndCall", body))
+
+    async def report_released(self, roomkey: int, cause: int, causestring: str, *,
+                              end_call: bool) -> None:
+        """The one way a call's end reaches AP-S, from the worker that held it or from the
+        supervisor when that worker died: CallEvent "released" (its CDR), then EndCall
+        unless the recording's Convertor sends it later (`end_call=False`, with the file
+        name). Each report on its own, so a lost CallEvent never leaves the record live.
+        Never raises for AP-S trouble: a call's teardown must not wait on AP-S's mood."""
+        try:
+            await self.call_event(roomkey, "released", time.time(), cause, causestring)
+        except ApsUnavailable as exc:
+            log.warning("AP-S did not take the release of call %d: %s", roomkey, exc)
+        if not end_call:
+            return
+        try:
+            await self.end_call(roomkey, "")
+        except ApsUnavailable as exc:
+            log.warning("AP-S did not take the end of call %d: %s", roomkey, exc)
 
     # -- transport --------------------------------------------------------------------------
 
