@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 CONFIG ?= conf/appliance.toml
 PYTEST_ARGS ?=
 
-.PHONY: run test fuzz lint venv system-deps clean
+.PHONY: run test fuzz lint imports venv system-deps clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,11 @@ run: venv
 
 lint: venv
 	$(BIN)/ruff check .
+
+# The package map (README "Packages") as the code has it: imports between packages, and
+# any import cycle or import the layers forbid (exit status 1 then).
+imports: venv
+	$(BIN)/python tools/imports.py --units --check
 
 # Every test runs inside a fresh network namespace that has only loopback: nothing a test
 # does can send a packet outside 127.0.0.0/8.
