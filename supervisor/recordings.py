@@ -19,7 +19,9 @@ from pathlib import Path
 from appliance.core.config import Config
 from appliance.core.tasks import spawn
 from appliance.edges.aps_client import ApsClient, ApsUnavailable
-from appliance.recording.formats import JobError, load_job, resolve_in, try_lock_capture
+from appliance.recording.capture_files import try_lock_capture
+from appliance.recording.capture_paths import resolve_in
+from appliance.recording.job import JobError, load_job
 from appliance.recording.keys import load_or_create_master
 
 log = logging.getLogger("appliance.recordings")

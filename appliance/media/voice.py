@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from appliance.core.throttle import Tally
 from appliance.media import rtp
@@ -30,9 +30,6 @@ from appliance.media.rtp_source import PeerFilter
 from appliance.media.sip_rtp import Address, RtpSocketPair
 from appliance.media.transcode import OpusToPcmu, PcmuToOpus
 
-if TYPE_CHECKING:
-    from appliance.recording.capture import CallRecorder
-
 log = logging.getLogger("appliance.voice")
 
 PCMU_PT = 0
@@ -40,6 +37,18 @@ FRAME_SECONDS = 0.020
 RTCP_INTERVAL = 5.0
 
 _RINGBACK = object()  # the rewriter's "source" while we play the tone
+
+
+class VoiceRecorder(Protocol):
+    """Where a recorded call's voice goes: each direction's µ-law payloads as relayed, with
+    the RTP timestamps that place them. The recorder (appliance.recording.capture) is one;
+    declared here so the bridge knows nothing of recording but these two calls."""
+
+    def customer_audio(self, timestamp: int, payload: bytes) -> None:
+        """The customer's audio as the phone hears it, on the phone-bound timeline."""
+
+    def phone_audio(self, timestamp: int, payload: bytes) -> None:
+        """The desk phone's audio, on the phone's own RTP timestamps."""
 
 
 @dataclass
@@ -96,7 +105,7 @@ class VoiceBridge:
         self._opus_to_pcmu = OpusToPcmu() if opus else None
         self._pcmu_to_opus = PcmuToOpus() if opus else None
         self.last_sound_at: float | None = None  # the customer's microphone, last heard
-        self.recorder: CallRecorder | None = None  # the call's recording tap, if recorded
+        self.recorder: VoiceRecorder | None = None  # the call's recording tap, if recorded
         self._has_sound = opus_has_sound if browser.codec == "OPUS" else pcmu_has_sound
         self._transcoded_ts = 0  # our own timelines for transcoded frames
         self._opus_out_ts = 0

@@ -20,16 +20,11 @@ import time
 from pathlib import Path
 
 from appliance.core.periodic import FailureLog
-from appliance.recording.formats import (
-    IvfWriter,
-    Job,
-    Vp8Depacketizer,
-    WavWriter,
-    interleave,
-    new_job,
-    resolve_in,
-    save_job,
-)
+from appliance.media.vp8_depacketizer import Vp8Depacketizer
+from appliance.recording.capture_paths import resolve_in
+from appliance.recording.ivf import IvfWriter
+from appliance.recording.job import Job, new_job, save_job
+from appliance.recording.wav import WavWriter, interleave
 
 log = logging.getLogger("appliance.recording")
 
@@ -95,6 +90,10 @@ class _VideoLane:
 
 
 class CallRecorder:
+    """One recorded call's captures and job. The voice bridge feeds it as its
+    `appliance.media.voice.VoiceRecorder` (customer_audio, phone_audio), the video relay
+    through `video`."""
+
     def __init__(self, recording_dir: Path, *, roomkey: int, appliance_id: str, dialogid: int,
                  ref: int, channel: int, video: bool) -> None:
         self.root = recording_dir

@@ -29,30 +29,19 @@ from av.audio.stream import AudioStream
 from av.stream import Stream
 
 from appliance.core.private_files import create_private, fsync_dir, makedirs_private
+from appliance.media.vp8 import frame_keyframe_size
 from appliance.recording import keys
+from appliance.recording.capture_files import try_lock_capture
+from appliance.recording.capture_paths import day_of, resolve_in
 from appliance.recording.crypto import (
     RecordingDecryptError,
     decrypted_sha256,
     encrypt_file_digest,
     read_header,
 )
-from appliance.recording.formats import (
-    WAVE_FORMAT_MULAW,
-    IvfHeader,
-    Job,
-    JobError,
-    WavInfo,
-    day_of,
-    iter_ivf_frames,
-    iter_wav_data,
-    load_job,
-    repair_ivf,
-    repair_wav,
-    resolve_in,
-    save_job,
-    try_lock_capture,
-    vp8_keyframe_size,
-)
+from appliance.recording.ivf import IvfHeader, iter_ivf_frames, repair_ivf
+from appliance.recording.job import Job, JobError, load_job, save_job
+from appliance.recording.wav import WAVE_FORMAT_MULAW, WavInfo, iter_wav_data, repair_wav
 
 log = logging.getLogger("appliance.recording")
 
@@ -307,7 +296,7 @@ def _video_packets(path: Path, header: IvfHeader,
     frames = iter_ivf_frames(path)
     skipped = 0
     for frame in frames:  # a recording starts at a key frame: before it nothing decodes
-        if vp8_keyframe_size(frame.data):
+        if frame_keyframe_size(frame.data):
             break
         skipped += 1
     else:

@@ -23,8 +23,13 @@ import av
 import pytest
 
 from appliance.media import g711
+from appliance.media.rtp_timestamps import RtpTimestampUnwrapper
+from appliance.media.vp8 import frame_is_keyframe
+from appliance.media.vp8_depacketizer import Vp8Depacketizer
 from appliance.recording import convert as convert_module
-from appliance.recording import formats, keys
+from appliance.recording import keys
+from appliance.recording.capture_files import CaptureFormatError
+from appliance.recording.capture_paths import capture_paths
 from appliance.recording.convert import (
     EXIT_BUSY,
     ConvertBusy,
@@ -33,15 +38,9 @@ from appliance.recording.convert import (
     main_convert,
 )
 from appliance.recording.crypto import decrypt_file, encrypt_file, read_header
-from appliance.recording.formats import (
-    CaptureFormatError,
-    IvfWriter,
-    Vp8Depacketizer,
-    WavWriter,
-    load_job,
-    new_job,
-    save_job,
-)
+from appliance.recording.ivf import IvfWriter, iter_ivf_frames, read_ivf_header, repair_ivf
+from appliance.recording.job import Job, JobError, load_job, new_job, save_job
+from appliance.recording.wav import WavWriter, interleave, read_wav_info, repair_wav
 
 MASTER = bytes(range(100, 132))
 ROOMKEY = 987654321012
@@ -67,18 +66,18 @@ def vp8_frames() -> list[bytes]:
         picture.pts = i
         frames += [bytes(p) for p in encoder.encode(picture)]
     frames += [bytes(p) for p in encoder.encode(None)]
-    assert len(frames) == FPS * SECONDS and formats.vp8_is_keyframe(frames[0])
+    assert len(frames) == FPS * SECONDS and frame_is_keyframe(frames[0])
     return frames
 
 
 def _tone() -> bytes:
     """3 s of stereo µ-law: 440 Hz on the left (customer), 660 Hz on the right (agent)."""
-    return formats.interleave(g711.tone([440.0], SECONDS * 1000),
-                              g711.tone([660.0], SECONDS * 1000))
+    return interleave(g711.tone([440.0], SECONDS * 1000),
+                      g711.tone([660.0], SECONDS * 1000))
 
 
 def _make_job(root: Path, frames: list[bytes], audio: bool = True, user: bool = True,
-              agent: bool = True, dialogid: int = 13290721) -> tuple[Path, formats.Job]:
+              agent: bool = True, dialogid: int = 13290721) -> tuple[Path, Job]:
     job, paths = new_job(roomkey=ROOMKEY, appliance_id="ms-1", dialogid=dialogid, ref=2392510,
                          channel=4, started_at=STARTED_AT, audio=audio, video_user=user,
                          video_agent=agent)
@@ -147,7 +146,7 @@ def test_wav_writer_output_is_a_standard_mulaw_wav(tmp_path: Path) -> None:
             wav.write_frames(b"\xff")  # half a stereo sample frame
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
-    info = formats.read_wav_info(path)
+    info = read_wav_info(path)
     assert (info.format_tag, info.channels, info.rate, info.data_offset) == (7, 2, 8000, 58)
     assert info.data_size == 2 * 8000 * SECONDS and info.duration == SECONDS
     probe = subprocess.run(
@@ -162,8 +161,8 @@ def test_wav_writer_output_is_a_standard_mulaw_wav(tmp_path: Path) -> None:
 
 
 def test_interleave_pads_the_shorter_side_with_silence() -> None:
-    assert formats.interleave(b"ab", b"xyz") == b"axby\xffz"
-    assert formats.interleave(b"abc", b"") == b"a\xffb\xffc\xff"
+    assert interleave(b"ab", b"xyz") == b"axby\xffz"
+    assert interleave(b"abc", b"") == b"a\xffb\xffc\xff"
 
 
 def test_ivf_writer_output_is_readable(tmp_path: Path, vp8_frames: list[bytes]) -> None:
@@ -173,10 +172,10 @@ def test_ivf_writer_output_is_readable(tmp_path: Path, vp8_frames: list[bytes]) 
             ivf.write_frame(frame, i * FRAME_PTS)
         with pytest.raises(ValueError):
             ivf.write_frame(b"", 0)
-    header = formats.read_ivf_header(path)
+    header = read_ivf_header(path)
     assert (header.width, header.height) == (WIDTH, HEIGHT)  # taken from the first key frame
     assert (header.rate, header.scale, header.frame_count) == (90000, 1, len(vp8_frames))
-    frames = list(formats.iter_ivf_frames(path))
+    frames = list(iter_ivf_frames(path))
     assert [f.data for f in frames] == vp8_frames
     assert [f.pts for f in frames] == [i * FRAME_PTS for i in range(len(vp8_frames))]
     with av.open(str(path)) as container:  # FFmpeg agrees it is VP8 in IVF
@@ -189,19 +188,19 @@ def test_repair_wav_fixes_sizes_and_drops_an_odd_byte(tmp_path: Path) -> None:
     with WavWriter(path) as wav:
         wav.write_frames(_tone())
     healthy = path.read_bytes()
-    assert formats.repair_wav(path).data_size == len(healthy) - 58
+    assert repair_wav(path).data_size == len(healthy) - 58
     assert path.read_bytes() == healthy  # a healthy file is untouched
     raw = bytearray(healthy[:-1001])  # cut mid sample frame
     raw[4:8] = raw[54:58] = raw[46:50] = b"\0\0\0\0"  # what a kill before close leaves
     path.write_bytes(raw)
-    info = formats.repair_wav(path)
+    info = repair_wav(path)
     assert info.data_size == len(healthy) - 58 - 1002
     repaired = path.read_bytes()
     assert len(repaired) == len(healthy) - 1002
     assert struct.unpack_from("<I", repaired, 4)[0] == len(repaired) - 8
     assert struct.unpack_from("<I", repaired, 54)[0] == info.data_size
     assert struct.unpack_from("<I", repaired, 46)[0] == info.data_size // 2
-    assert formats.repair_wav(path) == info and path.read_bytes() == repaired
+    assert repair_wav(path) == info and path.read_bytes() == repaired
 
 
 def test_repair_ivf_drops_a_partial_trailing_frame(tmp_path: Path,
@@ -215,25 +214,25 @@ def test_repair_ivf_drops_a_partial_trailing_frame(tmp_path: Path,
     raw[6 * 4 : 6 * 4 + 4] = b"\0\0\0\0"  # frame count never written
     raw[12:16] = b"\0\0\0\0"  # nor the size
     path.write_bytes(raw)
-    assert len(list(formats.iter_ivf_frames(path))) == len(vp8_frames) - 1
-    header = formats.repair_ivf(path)
+    assert len(list(iter_ivf_frames(path))) == len(vp8_frames) - 1
+    header = repair_ivf(path)
     assert (header.frame_count, header.width, header.height) == (len(vp8_frames) - 1, 160, 120)
     expected = bytearray(healthy[: len(healthy) - 12 - len(vp8_frames[-1])])
     expected[24:28] = struct.pack("<I", len(vp8_frames) - 1)
     assert path.read_bytes() == expected
     # a frame header cut short, and a zero-filled tail (power cut) are dropped too
     path.write_bytes(healthy + b"\x05\x00\x00")
-    assert formats.repair_ivf(path).frame_count == len(vp8_frames)
+    assert repair_ivf(path).frame_count == len(vp8_frames)
     path.write_bytes(healthy + bytes(5000))
-    assert formats.repair_ivf(path).frame_count == len(vp8_frames)
+    assert repair_ivf(path).frame_count == len(vp8_frames)
     assert path.read_bytes() == healthy
     # but garbage is refused, not silently cut away
     path.write_bytes(healthy + b"\xff" * 5000)
     with pytest.raises(CaptureFormatError, match="corrupt frame header"):
-        formats.repair_ivf(path)
+        repair_ivf(path)
     path.write_bytes(b"RIFF" + bytes(60))
     with pytest.raises(CaptureFormatError, match="not an IVF"):
-        formats.repair_ivf(path)
+        repair_ivf(path)
 
 
 def test_job_file_round_trip_and_atomic_save(tmp_path: Path) -> None:
@@ -254,7 +253,7 @@ def test_job_file_round_trip_and_atomic_save(tmp_path: Path) -> None:
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert os.listdir(path.parent) == [path.name]  # no temp file left behind
     path.write_text('{"version": 1, "roomkey": "x"}')
-    with pytest.raises(formats.JobError):
+    with pytest.raises(JobError):
         load_job(path)
 
 
@@ -291,7 +290,7 @@ def test_depacketizer_reassembles_frames_split_across_packets(vp8_frames: list[b
         for packet in packets:
             out += depacketizer.push(*packet)
     assert [f.data for f in out] == vp8_frames
-    assert [f.keyframe for f in out] == [formats.vp8_is_keyframe(f) for f in vp8_frames]
+    assert [f.keyframe for f in out] == [frame_is_keyframe(f) for f in vp8_frames]
     assert out[0].timestamp == 4_294_900_000 and out[-1].timestamp < 1_000_000
     assert depacketizer.frames_dropped == 0 and not depacketizer.keyframe_needed
 
@@ -344,7 +343,7 @@ def test_depacketizer_without_markers_duplicates_and_a_late_start(
 
 
 def test_rtp_timestamp_unwrapper() -> None:
-    unwrap = formats.RtpTimestampUnwrapper()
+    unwrap = RtpTimestampUnwrapper()
     assert [unwrap.unwrap(t) for t in (0xFFFFFF00, 0xFFFFFFF0, 0x10, 0x8, 0x100)] == [
         0xFFFFFF00, 0xFFFFFFF0, 0x100000010, 0x100000008, 0x100000100]
 
@@ -510,7 +509,8 @@ def test_convert_after_a_worker_is_killed(tmp_path: Path, vp8_frames: list[bytes
     script = f"""
 import os, pickle, signal
 from pathlib import Path
-from appliance.recording.formats import IvfWriter, WavWriter
+from appliance.recording.ivf import IvfWriter
+from appliance.recording.wav import WavWriter
 frames, tone = pickle.loads(Path({str(media)!r}).read_bytes())
 wav = WavWriter(Path({str(root / paths.audio)!r}))
 ivf = IvfWriter(Path({str(root / paths.video_user)!r}))
@@ -524,7 +524,7 @@ os.kill(os.getpid(), signal.SIGKILL)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                             cwd=Path(__file__).parents[2])
     assert result.returncode == -signal.SIGKILL and "written" in result.stdout, result.stderr
-    assert formats.read_ivf_header(root / paths.video_user).frame_count == 1  # stale header
+    assert read_ivf_header(root / paths.video_user).frame_count == 1  # stale header
     final = convert(root, root / paths.job, MASTER)
     streams = _probe(_decrypted(final, tmp_path))
     assert {s["codec"]: round(s["duration"]) for s in streams} == {"flac": 3, "vp8": 3}
@@ -594,7 +594,7 @@ def test_never_overwrites_another_calls_recording(tmp_path: Path,
                                                   vp8_frames: list[bytes]) -> None:
     root = tmp_path / "rec"
     job_path, job = _make_job(root, vp8_frames, user=False, agent=False)
-    final = root / formats.capture_paths(job.dialogid, job.ref, job.channel, STARTED_AT).final
+    final = root / capture_paths(job.dialogid, job.ref, job.channel, STARTED_AT).final
     final.parent.mkdir(parents=True)
     other = tmp_path / "other.mkv"
     other.write_bytes(b"another call")
