@@ -125,7 +125,6 @@ def cycles(edges: Graph) -> list[list[str]]:
     on_stack: set[str] = set()
     found: list[list[str]] = []
     counter = 0
-    sys.setrecursionlimit(max(10_000, sys.getrecursionlimit()))
 
     def visit(node: str) -> None:
         nonlocal counter
