@@ -2,18 +2,18 @@
 
 Browser connections arrive through `supervisor.front` and are handed here as `ClientConn`s;
 everything a call needs beyond validation happens in the worker that owns its channel.
+What a call holds here is kept by its owners: its channel by `Placement`, its record, key
+and suid by `CallRegistry`, its room by `RoomDirectory`, its share by `Admission`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import msgspec
 import zmq
@@ -37,54 +37,22 @@ from supervisor.admission import (
     Limits,
     LogBudget,
     RoomkeyGuard,
-    address_key,
 )
+from supervisor.calls import CallKey, CallRecord, CallRegistry, ClientConn, FrameSink
 from supervisor.dialogs import DialogKeeper
-from supervisor.health import HealthBook
+from supervisor.health import HealthBook, LagLimits
 from supervisor.liveness import Liveness, Verdict
 from supervisor.peers import DELIVERED, UNKNOWN_ROOMKEY, Peers
 from supervisor.placement import Placement
 from supervisor.pool import WorkerPool
 from supervisor.recordings import RecordingManager
+from supervisor.rooms import RoomDirectory
 
 log = logging.getLogger("appliance.supervisor")
 
 LIVENESS_CHECK_INTERVAL = 0.25  # s: a silent worker is seen within heartbeat_timeout + this
-
-CallKey = tuple[int, int]  # (dialogid, ref)
-
-
-class FrameSink(Protocol):
-    async def send_frame(self, data: bytes) -> None: ...
-
-
-@dataclass
-class ClientConn:
-    """One browser/app WebSocket and the calls it placed."""
-
-    id: int
-    sink: FrameSink
-    calls: dict[CallKey, int] = field(default_factory=dict)  # -> channel
-    closed: bool = False
-    peer: str = ""  # the client's address as the front saw it
-    address: str = ""  # what per-address limits count (admission.address_key)
-
-    @property
-    def guard_keys(self) -> tuple[str, str]:
-        """What wrong roomkeys are counted against: this connection and its address."""
-        return (f"conn {self.id}", f"address {self.address}")
-
-
-@dataclass
-class CallRecord:
-    conn: int
-    channel: int
-    worker: int
-    dialogid: int
-    ref: int
-    suid: str | None
-    module: str = "User"
-    started: float = field(default_factory=time.monotonic)
+SHUTTING_DOWN = "appliance shutting down"
+WORKER_FAILED = "media worker failed"
 
 
 class Supervisor:
@@ -107,25 +75,25 @@ class Supervisor:
         # The supervisor closes AP-S call records that a dead worker can no longer close.
         self.aps = ApsClient.from_config(config)  # with its API token, if one is configured
         self.recordings = RecordingManager(config, self.aps)
-        self.conns: dict[int, ClientConn] = {}
-        self.calls: dict[int, CallRecord] = {}  # channel -> record
-        self.live_suids: dict[str, int] = {}  # suid -> channel
-        self.agent_rooms: dict[int, int] = {}  # roomkey -> channel of its agent leg
+        self.calls = CallRegistry()  # the browser connections and the calls they placed
+        self.rooms = RoomDirectory(self.placement.worker_of)
         self.worker_ready: dict[int, asyncio.Event] = {i: asyncio.Event() for i in range(count)}
-        self._conn_ids = itertools.count(1)
         self._ctx = zmq.asyncio.Context()
         self._router = self._ctx.socket(zmq.ROUTER)
         self._receiver: asyncio.Task[None] | None = None
         self._shutdown_done: set[int] = set()
-        self.health = HealthBook(self)
         # Every worker's confirmed desk-phone dialogs, for BYE if the worker dies.
         self.dialogs = DialogKeeper(config, self._send_worker)
         # Duplicate-login notices to and from other appliances (Flow 3).
         self.peers = Peers(config, self._deliver_duplicate_login)
-        # Periodic jobs re-arm before they run and log their errors: /status never freezes.
-        self._health_timer = Periodic(1.0, self.health.sample, "health sampling")
         # The bus heartbeat: who has not spoken for heartbeat_timeout is silent, then hung.
         self.liveness = Liveness(config.admin.heartbeat_timeout, config.admin.hung_restart_after)
+        self.health = HealthBook(
+            self.appliance_id, LagLimits(config.admin.degraded_lag_ms, config.admin.degraded_after),
+            self.placement, self.pool, self.liveness, self.calls, self.peers,
+            periodic_failures=self.periodic_failures, admission_status=self.admission_status)
+        # Periodic jobs re-arm before they run and log their errors: /status never freezes.
+        self._health_timer = Periodic(1.0, self.health.sample, "health sampling")
         self._liveness_timer = Periodic(LIVENESS_CHECK_INTERVAL, self._check_liveness,
                                         "worker heartbeat check")
         self._identities = {bus.worker_identity(i): i for i in range(count)}
@@ -190,7 +158,9 @@ class Supervisor:
                       quiet, self.pool.pid(index))
             self.pool.kill(index)  # its watcher releases its calls (41) and restarts it
 
-    def log_degraded(self, index: int, degraded: bool, lag_ms: float) -> None:
+    def _set_degraded(self, index: int, degraded: bool, lag_ms: float) -> None:
+        """HealthBook's verdict on a worker's loop lag: a degraded worker gets no new calls."""
+        self.placement.set_degraded(index, degraded)
         if degraded:
             log.warning("worker %d degraded: event-loop lag p99 %.0f ms; it gets no new calls",
                         index, lag_ms)
@@ -212,11 +182,10 @@ class Supervisor:
         self._health_timer.stop()
         self._liveness_timer.stop()
         log.info("shutting down: releasing %d call(s)", len(self.calls))
-        shutdown = bus.Shutdown(p.CAUSE_TEMPORARY_FAILURE, "appliance shutting down")
-        for index in range(len(self.placement.slots)):
-            if self.placement.slots[index].ready:
-                self._send_worker(index, shutdown)
         ready = {i for i, s in enumerate(self.placement.slots) if s.ready}
+        shutdown = bus.Shutdown(p.CAUSE_TEMPORARY_FAILURE, SHUTTING_DOWN)
+        for index in sorted(ready):
+            self._send_worker(index, shutdown)
         for index in range(len(self.placement.slots)):
             if self.liveness.is_silent(index):
                 # It would not answer Shutdown; waiting for it would only delay the stop.
@@ -228,8 +197,8 @@ class Supervisor:
             except TimeoutError:
                 log.warning("workers %s did not confirm shutdown", ready - self._shutdown_done)
         # Anything a worker could not release is released here, so no browser is left hanging.
-        for record in list(self.calls.values()):
-            await self._release_record(record, p.CAUSE_TEMPORARY_FAILURE, "appliance shutting down")
+        for record in self.calls.records():
+            await self._release_record(record, p.CAUSE_TEMPORARY_FAILURE, SHUTTING_DOWN)
         await self.pool.stop(timeout=5)
         if self._receiver is not None:
             self._receiver.cancel()
@@ -247,21 +216,12 @@ class Supervisor:
     # -- browser side --------------------------------------------------------------------
 
     def open_conn(self, sink: FrameSink, peer: str = "") -> ClientConn:
-        conn = ClientConn(next(self._conn_ids), sink, peer=peer, address=address_key(peer))
-        self.conns[conn.id] = conn
-        return conn
+        return self.calls.open_conn(sink, peer)
 
     def close_conn(self, conn: ClientConn) -> None:
-        conn.closed = True
-        self.conns.pop(conn.id, None)
-        by_worker: dict[int, list[int]] = {}
-        for channel in conn.calls.values():
-            record = self.calls.get(channel)
-            if record is not None:
-                by_worker.setdefault(record.worker, []).append(channel)
-        for worker, channels in by_worker.items():
+        # Its workers end its calls (ConnectionClosed), then free their channels as usual.
+        for worker, channels in self.calls.close_conn(conn).items():
             self._send_worker(worker, bus.ConnectionClosed(conn.id, channels))
-        conn.calls.clear()
         self.roomkey_guard.forget(conn.guard_keys[0])  # the address's count outlives it
 
     async def handle_frame(self, conn: ClientConn, data: bytes | str) -> None:
@@ -295,7 +255,7 @@ class Supervisor:
         key = (action.dialogid, action.ref)
         if self.stopping:
             await self._reply(conn, self._release(action, 0, p.CAUSE_TEMPORARY_FAILURE,
-                                                  "appliance shutting down"))
+                                                  SHUTTING_DOWN))
             return
         if isinstance(action, p.Offer):
             await self._offer(conn, key, action)
@@ -313,7 +273,7 @@ class Supervisor:
             return
         if isinstance(action, p.Release):
             # The call is over for this browser now; the channel frees when the worker says so.
-            del conn.calls[key]
+            conn.forget_call(key)
             # Only the fact travels: the browser's cause and causestring are not the worker's
             # business, and a value the bus cannot carry must not orphan the call.
             action = p.Release(dialogid=action.dialogid, ref=action.ref, channel=channel)
@@ -333,7 +293,7 @@ class Supervisor:
             )
             return
         suid = None if offer.suid is UNSET else offer.suid
-        if suid is not None and suid in self.live_suids:
+        if suid is not None and self.calls.suid_live(suid):
             await self._refuse(conn, offer, p.CAUSE_CALL_REJECTED, "invalid suid")
             return
         room_worker: int | None = None
@@ -352,7 +312,7 @@ class Supervisor:
         worker = self.placement.worker_of(channel)
         assert worker is not None
         record = CallRecord(conn.id, channel, worker, key[0], key[1], suid, offer.module)
-        self._book(conn, key, record, offer)
+        self._book(conn, record, offer)
         # From here to the hand-off, any failure un-books everything just booked.
         try:
             data = bus.encode(bus.StartCall(conn.id, channel, offer))
@@ -374,16 +334,13 @@ class Supervisor:
         log.info("conn %d: %s offer %d/%d placed on channel %d (worker %d)", conn.id,
                  offer.module, key[0], key[1], channel, worker)
 
-    def _book(self, conn: ClientConn, key: CallKey, record: CallRecord, offer: p.Offer) -> None:
-        """Everything a placed call holds; `_free` gives all of it back."""
-        channel = record.channel
-        self.calls[channel] = record
-        conn.calls[key] = channel
-        if record.suid is not None:
-            self.live_suids[record.suid] = channel
+    def _book(self, conn: ClientConn, record: CallRecord, offer: p.Offer) -> None:
+        """Everything a placed call holds besides its channel (taken by
+        `Placement.allocate`); `_free` gives all of it back, the channel too."""
+        self.calls.book(conn, record)
         if offer.module == "Agent" and offer.roomkey is not UNSET:
-            self.agent_rooms[offer.roomkey] = channel
-        self.admission.booked(channel, conn.id, conn.address, offer.module)
+            self.rooms.join(offer.roomkey, record.channel)
+        self.admission.booked(record.channel, conn.id, conn.address, offer.module)
 
     async def _admit_agent(self, conn: ClientConn, offer: p.Offer) -> int | None:
         """The worker holding the offer's room, or None once the offer is refused.
@@ -406,12 +363,12 @@ class Supervisor:
                 self.counters.tokens_refused += 1
                 await self._wrong_roomkey(conn, offer, str(exc), now)
                 return None
-        worker = self.placement.room_worker(offer.roomkey)
+        worker = self.rooms.worker(offer.roomkey)
         if worker is None:
             self.counters.wrong_roomkeys += 1
             await self._wrong_roomkey(conn, offer, "invalid roomkey", now)
             return None
-        if offer.roomkey in self.agent_rooms:
+        if self.rooms.has_agent(offer.roomkey):
             await self._refuse(conn, offer, p.CAUSE_CALL_REJECTED, "room already has an agent")
             return None
         return worker
@@ -536,11 +493,12 @@ class Supervisor:
 
     async def _dispatch(self, msg: bus.ToSupervisor) -> None:
         if isinstance(msg, bus.ToClient):
-            conn = self.conns.get(msg.conn)
+            conn = self.calls.conn(msg.conn)
             if conn is None:
                 return
             if isinstance(msg.action, p.Release) and msg.action.dialogid is not UNSET:
-                conn.calls.pop((msg.action.dialogid, msg.action.ref), None)  # type: ignore[arg-type]
+                # Over for the browser; the channel frees when the worker says so.
+                conn.forget_call((msg.action.dialogid, msg.action.ref))  # type: ignore[arg-type]
             await self._reply(conn, msg.action)
         elif isinstance(msg, bus.NotifyPeer):
             # Its own task: a slow or dead peer must not hold up the bus.
@@ -551,12 +509,12 @@ class Supervisor:
             self.admission.connected(msg.channel)  # its setup is over
         elif isinstance(msg, bus.RoomOpened):
             if msg.channel in self.calls:
-                self.placement.open_room(msg.roomkey, msg.channel)
+                self.rooms.open(msg.roomkey, msg.channel)
         elif isinstance(msg, bus.Hello):
             log.info("worker %d is up (pid %d)", msg.index, msg.pid)
             if self.stopping:
                 self._send_worker(msg.index, bus.Shutdown(p.CAUSE_TEMPORARY_FAILURE,
-                                                          "appliance shutting down"))
+                                                          SHUTTING_DOWN))
                 return
             self.placement.set_ready(msg.index, True)
             self.worker_ready[msg.index].set()
@@ -569,7 +527,9 @@ class Supervisor:
         elif isinstance(msg, bus.RecordingEnded):
             self.recordings.submit(Path(msg.job_path))
         elif isinstance(msg, bus.WorkerStats):
-            self.health.record(msg)
+            degraded = self.health.record(msg)
+            if degraded is not None:
+                self._set_degraded(msg.index, degraded, msg.loop_lag_p99_ms)
         elif isinstance(msg, bus.ShutdownDone):
             self._shutdown_done.add(msg.index)
             self._shutdown_event.set()
@@ -577,8 +537,8 @@ class Supervisor:
     def _deliver_duplicate_login(self, roomkey: int, message: str, from_ms: str) -> str:
         """A peer (or AP-S about this appliance) says the customer of room `roomkey` logged
         in again elsewhere: the worker holding the room shows `message` to both parties."""
-        channel = self.placement.rooms.get(roomkey)
-        worker = None if channel is None else self.placement.worker_of(channel)
+        channel = self.rooms.user_channel(roomkey)
+        worker = self.rooms.worker(roomkey)
         if worker is None:
             log.info("duplicate-login notice from %s for roomkey %d: no such live call here",
                      from_ms, roomkey)
@@ -589,18 +549,15 @@ class Supervisor:
         return DELIVERED
 
     def _free(self, channel: int) -> None:
-        record = self.calls.pop(channel, None)
-        self.placement.release(channel)
+        """Give back everything `_book` booked for the call on `channel`, and the channel."""
+        self.calls.free(channel)
+        self._free_channel(channel)
         self.admission.freed(channel)
-        if record is None:
-            return
-        if record.suid is not None and self.live_suids.get(record.suid) == channel:
-            del self.live_suids[record.suid]
-        for roomkey in [k for k, c in self.agent_rooms.items() if c == channel]:
-            del self.agent_rooms[roomkey]
-        conn = self.conns.get(record.conn)
-        if conn is not None and conn.calls.get((record.dialogid, record.ref)) == channel:
-            del conn.calls[(record.dialogid, record.ref)]
+
+    def _free_channel(self, channel: int) -> None:
+        """The channel is free for a new call, and its room (if any) is left."""
+        self.placement.release(channel)
+        self.rooms.free(channel)
 
     def _on_worker_exit(self, index: int, code: int | None) -> None:
         """A worker died: release its calls (nobody else's) and free its channels."""
@@ -608,16 +565,15 @@ class Supervisor:
         self.worker_ready[index] = asyncio.Event()
         self.liveness.forget(index)  # its successor is judged once it says Hello
         self.dialogs.worker_died(index)  # its desk-phone dialogs get BYE (supervisor/dialogs.py)
-        records = [r for r in self.calls.values() if r.worker == index]
-        rooms = {c: k for k, c in self.placement.rooms.items()}
-        for record in records:
-            roomkey = rooms.get(record.channel)
-            spawn(self._release_record(record, p.CAUSE_TEMPORARY_FAILURE, "media worker failed"))
+        for record in self.calls.on_worker(index):
+            roomkey = self.rooms.roomkey_of(record.channel)
+            spawn(self._release_record(record, p.CAUSE_TEMPORARY_FAILURE, WORKER_FAILED))
             if roomkey is not None:
-                spawn(self._report_released(roomkey, p.CAUSE_TEMPORARY_FAILURE,
-                                            "media worker failed"))
+                spawn(self._report_released(roomkey, p.CAUSE_TEMPORARY_FAILURE, WORKER_FAILED))
+        # Its channels are free at once (no new call goes there before its successor's
+        # Hello); the records and keys go when each release above runs.
         for channel in self.placement.busy_channels(index):
-            self.placement.release(channel)
+            self._free_channel(channel)
         # Its recordings stopped mid-call: the captures are unlocked now; finish them.
         call_later_safe(0.5, self.recordings.pick_up_leftovers, "recording leftovers pickup")
 
@@ -628,7 +584,7 @@ class Supervisor:
 
     async def _release_record(self, record: CallRecord, cause: int, causestring: str) -> None:
         self._free(record.channel)
-        conn = self.conns.get(record.conn)
+        conn = self.calls.conn(record.conn)
         if conn is None:
             return
         await self._reply(

@@ -30,7 +30,8 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from appliance.core import protocol as p
 from appliance.core.config import SignallingConfig
 from supervisor.admission import LogBudget, address_key
-from supervisor.app import ClientConn, Supervisor
+from supervisor.app import Supervisor
+from supervisor.calls import ClientConn
 from supervisor.conn_guard import ConnectionGuard
 from supervisor.heap_trim import HeapTrimmer
 

@@ -2,11 +2,18 @@
 
 Workers report their own figures every second (`bus.WorkerStats`); the supervisor adds what
 only it can see (CPU and memory from psutil, restarts, free channels, degraded marks).
+
+A worker whose event loop lags is *degraded* and gets no new calls. `HealthBook.record`
+judges that and returns the change; the supervisor marks it in placement and logs it. The
+views read each figure from its owner, given at construction: placement (ready, degraded,
+channels), the pool (pid, core, restarts), liveness (silent), the call registry, peers,
+and the supervisor's own counters as callables.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -15,7 +22,19 @@ import psutil
 from appliance.edges import bus
 
 if TYPE_CHECKING:
-    from supervisor.app import Supervisor
+    from supervisor.calls import CallRegistry
+    from supervisor.liveness import Liveness
+    from supervisor.peers import Peers
+    from supervisor.placement import Placement
+    from supervisor.pool import WorkerPool
+
+
+@dataclass(frozen=True)
+class LagLimits:
+    """admin.degraded_lag_ms and admin.degraded_after."""
+
+    lag_ms: float  # loop lag p99 above this is lagging
+    after: float  # seconds of lagging that make a worker degraded
 
 
 @dataclass
@@ -64,33 +83,46 @@ _REFUSAL_KEYS = {
 
 
 class HealthBook:
-    def __init__(self, supervisor: Supervisor) -> None:
-        self.supervisor = supervisor
-        self.workers = {i: WorkerHealth(i) for i in range(len(supervisor.placement.slots))}
+    """Each worker's last report and process figures, the lag verdicts, and the views."""
+
+    def __init__(self, appliance_id: str, limits: LagLimits, placement: Placement,
+                 pool: WorkerPool, liveness: Liveness, calls: CallRegistry, peers: Peers,
+                 periodic_failures: Callable[[], dict[str, int]],
+                 admission_status: Callable[[], dict[str, Any]]) -> None:
+        self.appliance_id = appliance_id
+        self.limits = limits
+        self.placement = placement
+        self.pool = pool
+        self.liveness = liveness
+        self.calls = calls
+        self.peers = peers
+        self.periodic_failures = periodic_failures
+        self.admission_status = admission_status
+        self.workers = {i: WorkerHealth(i) for i in range(len(placement.slots))}
         self.per_core: list[float] = []
         self.sampled_at = 0.0
         psutil.cpu_percent(percpu=True)  # prime: the first call has no interval
 
-    def record(self, stats: bus.WorkerStats) -> None:
+    def record(self, stats: bus.WorkerStats) -> bool | None:
+        """Keep a worker's report. True when it makes the worker degraded, False when the
+        worker has recovered, None when nothing changes: the supervisor applies it."""
         health = self.workers[stats.index]
         health.stats = stats
-        self._judge(health, stats, time.monotonic())
+        return self._judge(health, stats, time.monotonic())
 
-    def _judge(self, health: WorkerHealth, stats: bus.WorkerStats, now: float) -> None:
+    def _judge(self, health: WorkerHealth, stats: bus.WorkerStats, now: float) -> bool | None:
         """Degraded while the loop lag p99 stays high: such a worker gets no new calls."""
-        admin = self.supervisor.config.admin
-        slot = self.supervisor.placement.slots[health.index]
-        if stats.loop_lag_p99_ms > admin.degraded_lag_ms:
+        degraded = self.placement.slots[health.index].degraded
+        if stats.loop_lag_p99_ms > self.limits.lag_ms:
             if health.lagging_since is None:
                 health.lagging_since = now
-            if not slot.degraded and now - health.lagging_since >= admin.degraded_after:
-                slot.degraded = True
-                self.supervisor.log_degraded(health.index, True, stats.loop_lag_p99_ms)
+            if not degraded and now - health.lagging_since >= self.limits.after:
+                return True
         else:
             health.lagging_since = None
-            if slot.degraded:
-                slot.degraded = False
-                self.supervisor.log_degraded(health.index, False, stats.loop_lag_p99_ms)
+            if degraded:
+                return False
+        return None
 
     def sample(self) -> None:
         """Called every second by a `Periodic`: an error here (psutil's EMFILE) is logged
@@ -98,27 +130,27 @@ class HealthBook:
         now = time.monotonic()
         self.per_core = psutil.cpu_percent(percpu=True)
         for index, health in self.workers.items():
-            health.sample_process(self.supervisor.pool.pid(index), now)
+            health.sample_process(self.pool.pid(index), now)
         self.sampled_at = round(now, 3)
 
     # -- views ---------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        sup = self.supervisor
         workers = []
         for index, health in self.workers.items():
-            slot = sup.placement.slots[index]
+            slot = self.placement.slots[index]
+            process = self.pool.workers[index]
             stats = health.stats
             workers.append({
                 "index": index,
-                "pid": sup.pool.pid(index),
-                "core": sup.pool.workers[index].core,
+                "pid": self.pool.pid(index),
+                "core": process.core,
                 "ready": slot.ready,
                 "degraded": slot.degraded,
                 # Not heard on the bus for admin.heartbeat_timeout: no new calls there.
-                "silent": sup.liveness.is_silent(index),
-                "quiet_s": round(sup.liveness.quiet_for(index), 2),
-                "restarts": sup.pool.workers[index].restarts,
+                "silent": self.liveness.is_silent(index),
+                "quiet_s": round(self.liveness.quiet_for(index), 2),
+                "restarts": process.restarts,
                 "channels_total": len(slot.channels),
                 "channels_busy": len(slot.channels) - len(slot.free),
                 "cpu_cores": round(health.cpu_cores, 4),
@@ -136,21 +168,21 @@ class HealthBook:
         calls = [
             {"channel": r.channel, "worker": r.worker, "dialogid": r.dialogid, "ref": r.ref,
              "module": r.module, "age_s": round(time.monotonic() - r.started, 1)}
-            for r in sorted(sup.calls.values(), key=lambda r: r.channel)
+            for r in sorted(self.calls.records(), key=lambda r: r.channel)
         ]
-        peers = sup.peers.stats
-        return {"appliance": sup.appliance_id, "cores_percent": self.per_core,
+        peers = self.peers.stats
+        return {"appliance": self.appliance_id, "cores_percent": self.per_core,
                 "workers": workers, "calls": calls,
                 "sampled_at": self.sampled_at,  # monotonic s of the last health sample
-                "periodic_failures": sup.periodic_failures(),
+                "periodic_failures": self.periodic_failures(),
                 # Duplicate-login notices between appliances (supervisor/peers.py).
-                "peers_listening": sup.peers.listening,
+                "peers_listening": self.peers.listening,
                 "peers_notices_sent": peers.sent,
                 "peers_notice_failures": peers.failures,
                 "peers_notices_received": peers.received,
                 "peers_keys_refused": peers.keys_refused,
                 # Offers refused by admission control, wrong roomkeys (supervisor/admission.py).
-                "admission": sup.admission_status()}
+                "admission": self.admission_status()}
 
     def prometheus(self) -> str:
         status = self.status()

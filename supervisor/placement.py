@@ -2,7 +2,7 @@
 
 Worker i owns channels i*C+1 .. (i+1)*C (channel 0 means "none" on the wire). A new User
 call goes to the ready worker with the most free channels; an Agent leg goes to the worker
-that holds its roomkey, so both legs of a room share one process.
+that holds its roomkey (`supervisor.rooms`), so both legs of a room share one process.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ class Placement:
             WorkerSlot(i, range(i * channels_per_worker + 1, (i + 1) * channels_per_worker + 1))
             for i in range(workers)
         ]
-        self.rooms: dict[int, int] = {}  # roomkey -> channel of the User call holding it
 
     def worker_of(self, channel: int) -> int | None:
         if channel <= 0 or self.channels_per_worker == 0:
@@ -64,22 +63,16 @@ class Placement:
         slot = self.slots[index]
         if channel in slot.channels:
             slot.free.add(channel)
-        for roomkey in [k for k, c in self.rooms.items() if c == channel]:
-            del self.rooms[roomkey]
 
     def busy_channels(self, worker: int) -> list[int]:
         slot = self.slots[worker]
         return sorted(set(slot.channels) - slot.free)
 
-    def open_room(self, roomkey: int, channel: int) -> None:
-        self.rooms[roomkey] = channel
-
-    def room_worker(self, roomkey: int) -> int | None:
-        channel = self.rooms.get(roomkey)
-        return None if channel is None else self.worker_of(channel)
-
     def set_ready(self, worker: int, ready: bool) -> None:
         self.slots[worker].ready = ready
+
+    def set_degraded(self, worker: int, degraded: bool) -> None:
+        self.slots[worker].degraded = degraded
 
     def free_count(self, worker: int) -> int:
         return len(self.slots[worker].free)

@@ -1,4 +1,5 @@
 from supervisor.placement import Placement
+from supervisor.rooms import RoomDirectory
 
 
 def ready(workers: int, channels: int) -> Placement:
@@ -47,12 +48,14 @@ def test_zero_channels_means_no_calls() -> None:
 
 def test_rooms_follow_their_channel() -> None:
     placement = ready(2, 2)
+    rooms = RoomDirectory(placement.worker_of)
     channel = placement.allocate()
     channel2 = placement.allocate()
     assert channel is not None and channel2 is not None
-    placement.open_room(123456789012, channel2)
-    assert placement.room_worker(123456789012) == 1
+    rooms.open(123456789012, channel2)
+    assert rooms.worker(123456789012) == 1
     assert placement.allocate(worker=1) == 4
     placement.release(channel2)
-    assert placement.room_worker(123456789012) is None
+    rooms.free(channel2)
+    assert rooms.worker(123456789012) is None
     assert placement.busy_channels(1) == [4]

@@ -21,7 +21,8 @@ from appliance.core import agent_token
 from appliance.core import config as cfg
 from appliance.core import protocol as p
 from appliance.edges import bus
-from supervisor.app import ClientConn, Supervisor
+from supervisor.app import Supervisor
+from supervisor.calls import ClientConn
 
 SDP = "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n"
 
@@ -86,7 +87,7 @@ def frame(dialogid: int, **fields: Any) -> str:
 
 def all_free(sup: Supervisor) -> bool:
     return (all(s.free == set(s.channels) for s in sup.placement.slots)
-            and not sup.calls and not sup.live_suids and not sup.agent_rooms
+            and not sup.calls and not sup.calls.suids and not sup.rooms
             and sup.admission.in_setup == 0)
 
 
@@ -192,7 +193,7 @@ def live_room(sup: Supervisor, roomkey: int) -> None:
     """A customer call's room, as the worker reports it (RoomOpened after verify)."""
     channel = sup.placement.allocate()
     assert channel is not None
-    sup.placement.open_room(roomkey, channel)
+    sup.rooms.open(roomkey, channel)
 
 
 async def test_roomkey_guessing_is_throttled_per_address(tmp_path: Path) -> None:
