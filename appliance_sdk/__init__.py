@@ -5,8 +5,9 @@
         await call.wait_for("dtls_connect")
 """
 
-from .call import Call, CallEnded, Event, event_name
+from .call import Call
 from .connection import UA_FAMILY, MediaServerClient, connect_media_server
+from .events import CallEnded, Event, event_name
 from .media import ColorBarsVideoTrack, FrameCounter, ToneAudioTrack
 
 __all__ = [

@@ -10,10 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from aiortc import RTCIceCandidate, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamTrack
@@ -23,10 +21,9 @@ from msgspec import UNSET
 
 from appliance.core import protocol
 
+from .events import CallEnded, Event, event_name
 from .media import FrameCounter
-
-if TYPE_CHECKING:
-    from .connection import MediaServerClient
+from .routing import CallInbox, CallRouter
 
 MEDIA_CLOSE_TIMEOUT = 5.0  # seconds for aiortc to close a call's peer connection
 
@@ -35,55 +32,6 @@ log = logging.getLogger("appliance.client")
 # Events that can still legitimately arrive once the call has ended.
 _AFTER_END_EVENTS = frozenset({"release", "connection_state", "disconnected"})
 _CANDIDATE_PREFIX = "candidate:"
-
-_EVENT_NAMES: dict[type, str] = {
-    protocol.Alert: "alert",
-    protocol.Answer: "answer",
-    protocol.Ice: "ice",
-    protocol.DTLSconnect: "dtls_connect",  # the slides' APP SDK event name
-    protocol.Release: "release",
-    protocol.RecordStatus: "record_status",
-    protocol.MyResolution: "my_resolution",
-    protocol.PeerResolution: "peer_resolution",
-    protocol.PeerData: "peerdata",
-    protocol.Message: "message",
-    protocol.DTMF: "DTMF",
-    protocol.Offer: "offer",  # only from a misbehaving MS, but still worth surfacing
-}
-
-
-def event_name(action: protocol.Action) -> str:
-    """The SDK event an MS frame becomes; peerdata Join/Leave are events of their own."""
-    if isinstance(action, protocol.PeerData) and action.peerdata in ("Join", "Leave"):
-        return action.peerdata
-    return _EVENT_NAMES.get(type(action), type(action).__name__)
-
-
-@dataclass
-class Event:
-    """Something that happened to a call (mostly: an MS frame arrived).
-
-    `detail` says what the SDK made of it (e.g. an ice frame "applied", "queued",
-    "duplicate", "invalid: ..."; a connection_state's new state); `raw` keeps the frame of
-    an undecodable message.
-    """
-
-    name: str
-    action: protocol.Action | None = None
-    at: float = field(default_factory=time.monotonic)
-    detail: str | None = None
-    raw: str | bytes | None = None
-
-
-class CallEnded(Exception):
-    """wait_for() can no longer be satisfied: the call was released."""
-
-    def __init__(self, waited_for: str, release: protocol.Release | None) -> None:
-        how = (
-            f"cause {release.cause} '{release.causestring}'" if release is not None else "hangup"
-        )
-        super().__init__(f"call ended ({how}) before '{waited_for}'")
-        self.release = release
 
 
 def _candidate_key(c: RTCIceCandidate) -> tuple[str, int, str, int]:
@@ -99,12 +47,22 @@ def _sdp_candidate_keys(sdp: str) -> Iterable[tuple[str, int, str, int]]:
                 continue
 
 
+class CallConnection(Protocol):
+    """What a call needs of the connection that carries it (a MediaServerClient)."""
+
+    @property
+    def closed(self) -> bool: ...
+
+    async def send(self, action: protocol.Action) -> None: ...
+
+
 class Call:
     """A call leg towards the MS. Created by MediaServerClient.make_video_call/join_room."""
 
     def __init__(
         self,
-        client: MediaServerClient,
+        connection: CallConnection,
+        router: CallRouter[Call],
         pc: RTCPeerConnection,
         *,
         dialogid: int,
@@ -129,7 +87,8 @@ class Call:
         self.frame_observers: dict[str, list[Callable[[Frame], None]]] = {
             "audio": [], "video": []
         }
-        self._client = client
+        self._connection = connection
+        self._router = router
         self._owned_tracks = list(owned_tracks)
         self._backlog: list[Event] = []  # taken off `events` by wait_for, not yet matched
         self._inbox: asyncio.Queue[protocol.Action] = asyncio.Queue()
@@ -140,6 +99,12 @@ class Call:
         self._worker = asyncio.ensure_future(self._work())
         pc.on("connectionstatechange", self._on_connection_state)
         pc.on("track", self._on_track)
+        # Registered before the offer goes out: the MS may answer at once.
+        router.register(
+            (dialogid, ref),
+            self,
+            CallInbox(self._deliver, self._deliver_invalid, self._connection_lost),
+        )
 
     def __repr__(self) -> str:
         return f"<Call dialogid={self.dialogid} ref={self.ref} channel={self.channel}>"
@@ -191,7 +156,7 @@ class Call:
                     return self._backlog.pop(index)
             if self.ended and name not in _AFTER_END_EVENTS and self._inbox.empty():
                 raise CallEnded(name, self.release)
-            if self._client.closed and name != "disconnected":
+            if self._connection.closed and name != "disconnected":
                 raise ConnectionError(f"connection to the MS closed before '{name}'")
             remaining = deadline - loop.time()
             if remaining <= 0:
@@ -205,7 +170,7 @@ class Call:
     # -- frames from the MS ------------------------------------------------------------
 
     def _deliver(self, action: protocol.Action) -> None:
-        """Called by the connection's reader: queue the frame for this call's worker."""
+        """The router's hand-over from the connection's reader: queue it for the worker."""
         self._inbox.put_nowait(action)
 
     def _deliver_invalid(self, raw: str | bytes, error: str) -> None:
@@ -313,10 +278,10 @@ class Call:
         dtmf = protocol.DTMF(
             dialogid=self.dialogid, ref=self.ref, channel=self.channel or 0, value=key
         )
-        await self._client.send(dtmf)
+        await self._connection.send(dtmf)
 
     async def send_peerdata(self, data: str, value: str = "") -> None:
-        await self._client.send(
+        await self._connection.send(
             protocol.PeerData(
                 dialogid=self.dialogid,
                 ref=self.ref,
@@ -340,8 +305,8 @@ class Call:
                 causestring=causestring,
             )
             try:
-                if not self._client.closed:
-                    await self._client.send(self.release)
+                if not self._connection.closed:
+                    await self._connection.send(self.release)
             finally:
                 # Even when the release could not go out, the media must stop.
                 await self._close_media()
@@ -353,7 +318,7 @@ class Call:
         try:
             await self.hangup()
         finally:
-            self._client._forget(self)
+            self._router.withdraw((self.dialogid, self.ref), self)
             await self._stop_worker()
 
     async def _stop_worker(self) -> None:

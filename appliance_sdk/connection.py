@@ -1,8 +1,9 @@
 """The APP SDK's connection to a media server (the slides' `connectMediaServer`).
 
 One WebSocket carries every call of this client; a single reader task decodes each frame
-and routes it by (dialogid, ref) to its Call. Frames that belong to no call, such as the
-`release` the MS sends for a frame it could not parse, land in `client.unrouted`.
+and hands it to the connection's CallRouter, which routes it by (dialogid, ref) to the Call
+registered there. Frames that belong to no call, such as the `release` the MS sends for a
+frame it could not parse, land in `client.unrouted`.
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ from msgspec import UNSET
 from appliance.core import protocol
 from appliance.edges.rtc_adapter import CandidatePolicy, apply_candidate_policy, make_configuration
 
-from .call import Call, Event, event_name
+from .call import Call
+from .events import Event, event_name
 from .media import ColorBarsVideoTrack, ToneAudioTrack
+from .routing import CallRouter
 
 log = logging.getLogger("appliance.client")
 
@@ -96,7 +99,8 @@ class MediaServerClient:
         ice_servers: Sequence[dict[str, Any]],
     ) -> None:
         self.unrouted: asyncio.Queue[Event] = asyncio.Queue()
-        self.calls: dict[tuple[int, int], Call] = {}
+        self._router: CallRouter[Call] = CallRouter()
+        self.calls = self._router.calls  # the live calls by (dialogid, ref)
         self.closed = False
         self._session = session
         self._ws = ws
@@ -260,11 +264,9 @@ class MediaServerClient:
                 video_track = ColorBarsVideoTrack()
                 owned.append(video_track)
             pc.addTransceiver(video_track, direction="sendrecv")
-        # Registered before the offer goes out: the MS may answer at once.
         call = Call(
-            self, pc, dialogid=dialogid, ref=ref, medium=medium, owned_tracks=owned
+            self, self._router, pc, dialogid=dialogid, ref=ref, medium=medium, owned_tracks=owned
         )
-        self.calls[(dialogid, ref)] = call
         try:
             # After the transceivers exist, before gathering (setLocalDescription).
             apply_candidate_policy(pc, self._policy)
@@ -278,7 +280,7 @@ class MediaServerClient:
             offer.offer = protocol.SessionDescription(type="offer", sdp=pc.localDescription.sdp)
             await self.send(offer)
         except BaseException:
-            self._forget(call)
+            self._router.withdraw((dialogid, ref), call)
             call.ended = True
             with contextlib.suppress(Exception):
                 await call.close()
@@ -294,10 +296,6 @@ class MediaServerClient:
                 return d, r
             if dialogid is not None and ref is not None:
                 raise ValueError(f"a call with dialogid {d} and ref {r} already exists")
-
-    def _forget(self, call: Call) -> None:
-        if self.calls.get((call.dialogid, call.ref)) is call:
-            del self.calls[(call.dialogid, call.ref)]
 
     # -- receiving -------------------------------------------------------------------------
 
@@ -317,8 +315,7 @@ class MediaServerClient:
             log.exception("WebSocket reader failed")
         finally:
             self.closed = True
-            for call in list(self.calls.values()):
-                call._connection_lost()
+            self._router.connection_lost()
 
     def _dispatch(self, data: str | bytes) -> None:
         try:
@@ -326,18 +323,14 @@ class MediaServerClient:
             action = msgspec.json.decode(data, type=protocol.Action, strict=False)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             log.warning("undecodable frame from the MS (%s): %r", exc, data[:200])
-            call = self.calls.get(_lenient_ids(data))  # type: ignore[arg-type]
-            if call is not None:
-                call._deliver_invalid(data, str(exc))
-            else:
+            ids = _lenient_ids(data)
+            if not self._router.route_invalid(ids, data, str(exc)):  # type: ignore[arg-type]
                 self.unrouted.put_nowait(Event("invalid", detail=str(exc), raw=data))
             return
         key = (action.dialogid, action.ref)
-        call = self.calls.get(key) if UNSET not in key else None  # type: ignore[arg-type]
-        if call is None:
+        routed = UNSET not in key and self._router.route(key, action)  # type: ignore[arg-type]
+        if not routed:
             self.unrouted.put_nowait(Event(event_name(action), action))
-        else:
-            call._deliver(action)
 
 
 async def connect_media_server(url: str, **kwargs: Any) -> MediaServerClient:

@@ -28,8 +28,9 @@ from collections.abc import Callable, Sequence
 from appliance.core.throttle import Tally, TokenBucket
 
 from .auth import Credentials
-from .call import ACCEPT, OutgoingCall, new_tag
-from .dialog import ALLOW
+from .call import OutgoingCall
+from .deadlines import due, earliest
+from .dialog import ACCEPT, ALLOW, new_tag
 from .events import CallEvent, Terminated
 from .message import (
     SipParseError,
@@ -154,12 +155,10 @@ class SipAgent:
 
     def handle_timer(self, now: float) -> None:
         for tally in (self._parse_errors, self._refused):
-            deadline = tally.deadline()
-            if deadline is not None and deadline <= now:
+            if due(tally.deadline(), now):
                 tally.flush(now)
         for call in self._all_calls():
-            deadline = call.get_timer()
-            if deadline is not None and deadline <= now:
+            if due(call.get_timer(), now):
                 try:
                     call.handle_timer(now)
                 except Exception:
@@ -184,17 +183,10 @@ class SipAgent:
         return None
 
     def get_timer(self) -> float | None:
-        return min(
-            (
-                t
-                for t in (
-                    self._parse_errors.deadline(),
-                    self._refused.deadline(),
-                    *(call.get_timer() for call in self._all_calls()),
-                )
-                if t is not None
-            ),
-            default=None,
+        return earliest(
+            self._parse_errors.deadline(),
+            self._refused.deadline(),
+            *(call.get_timer() for call in self._all_calls()),
         )
 
     def _all_calls(self) -> list[OutgoingCall | IncomingCall]:

@@ -18,7 +18,6 @@ States (what the owner sees in `state`):
 from __future__ import annotations
 
 import logging
-import re
 import secrets
 from collections import deque
 from collections.abc import Sequence
@@ -26,34 +25,35 @@ from enum import Enum, auto
 
 from . import causes
 from .auth import Credentials, answer_challenge
-from .callbase import SansIoCall
-from .dialog import ALLOW, Dialog
-from .dtmf_info import DTMF_RELAY, dtmf_relay_body, parse_dtmf_info
+from .deadlines import due
+from .dialog import ALLOW, Dialog, new_tag
+from .dtmf_info import DTMF_RELAY, dtmf_relay_body
 from .events import (
     Answered,
     CallEvent,
     DialogUpdated,
     Failed,
-    InfoDtmf,
     RemoteHangup,
-    RemoteMediaChanged,
     Ringing,
     Terminated,
     Trying,
 )
 from .message import (
+    USER_PART_RE,
     NameAddr,
     SipParseError,
     SipRequest,
     SipResponse,
     build_response,
     cseq_of,
+    format_hostport,
     sdp_body,
     serialize,
     tag_of,
     validate_header,
 )
-from .sdp import LocalSdp, SdpError
+from .sdp import LocalSdp
+from .session_call import SessionCall
 from .session_timer import SessionTimer, TimerAction, TimerSettings
 from .snapshot import take as take_snapshot
 from .sources import dialog_peers
@@ -65,21 +65,15 @@ from .transaction import (
     ClientTransaction,
     ResponseReceived,
     ServerInviteTransaction,
-    ServerNonInviteTransaction,
     ServerTransaction,
     TimerConfig,
     TransactionEvent,
     client_key,
-    new_branch,
     server_key,
 )
 
 log = logging.getLogger("appliance.sip")
 
-ACCEPT = "application/sdp, application/dtmf-relay, application/dtmf"
-# RFC 3261 user part characters (unreserved / escaped / user-unreserved), minus ';' and '?'
-# so a caller number can never smuggle URI parameters or headers into our messages.
-USER_PART_RE = re.compile(r"[A-Za-z0-9\-_.!~*'()&=+$,/%]+")
 MAX_FORKS = 8  # 2xx from distinct forks we ACK (and BYE but the first) per call
 
 
@@ -97,10 +91,6 @@ class CallState(Enum):
 _EARLY = (CallState.CALLING, CallState.PROCEEDING)
 
 
-def new_tag() -> str:
-    return secrets.token_hex(6)
-
-
 def _allows(response: SipResponse, method: str) -> bool:
     """Whether the peer's Allow lists `method` (RFC 3261 §20.5)."""
     return any(
@@ -110,12 +100,7 @@ def _allows(response: SipResponse, method: str) -> bool:
     )
 
 
-def _hostport(host: str, port: int | None) -> str:
-    shown = f"[{host}]" if ":" in host and not host.startswith("[") else host
-    return shown if port in (None, 5060) else f"{shown}:{port}"
-
-
-class OutgoingCall(SansIoCall):
+class OutgoingCall(SessionCall):
     def __init__(
         self,
         *,
@@ -160,10 +145,10 @@ class OutgoingCall(SansIoCall):
         self.dialog: Dialog | None = None  # the confirmed dialog
         local_host, local_port = local
         self._from = NameAddr(
-            f"sip:{caller}@{_hostport(local_host, None)}", self.caller_display, {"tag": new_tag()}
+            f"sip:{caller}@{format_hostport(local_host)}", self.caller_display, {"tag": new_tag()}
         )
-        self._to = NameAddr(f"sip:{callee}@{_hostport(*proxy)}", callee_display)
-        self._contact = f"<sip:{caller}@{_hostport(local_host, local_port)}>"
+        self._to = NameAddr(f"sip:{callee}@{format_hostport(*proxy)}", callee_display)
+        self._contact = f"<sip:{caller}@{format_hostport(local_host, local_port)}>"
 
         self._invite: SipRequest | None = None
         self._invite_tx: ClientInviteTransaction | None = None
@@ -215,8 +200,8 @@ class OutgoingCall(SansIoCall):
         headers.add("Call-ID", self.call_id)
         headers.add("CSeq", "1 INVITE")
         headers.add("Contact", self._contact)
-        if self.user_agent:
-            headers.add("User-Agent", self.user_agent)
+        for name, value in self._ua():
+            headers.add(name, value)
         headers.add("Allow", ALLOW)
         for name, value in self.timer.invite_headers():
             headers.add(name, value)
@@ -261,40 +246,6 @@ class OutgoingCall(SansIoCall):
 
     # ------------------------------------------------------------------ sans-IO interface
 
-    def handle_timer(self, now: float) -> None:
-        for tx, _ in list(self._client.values()):
-            deadline = tx.get_timer()
-            if deadline is not None and deadline <= now:
-                tx.handle_timer(now)
-        for server_tx in list(self._server.values()):
-            deadline = server_tx.get_timer()
-            if deadline is not None and deadline <= now:
-                server_tx.handle_timer(now)
-        if self._ring_deadline is not None and self._ring_deadline <= now:
-            self._ring_deadline = None
-            self._on_ring_timeout(now)
-        if self._cancel_deadline is not None and self._cancel_deadline <= now:
-            self._cancel_deadline = None
-            self._on_cancel_gave_up()
-        session_deadline = self.timer.get_timer()
-        if session_deadline is not None and session_deadline <= now:
-            self._on_session_timer(self.timer.handle_timer(now), now)
-        self._drive(now)
-
-    def get_timer(self) -> float | None:
-        deadlines = [
-            t
-            for t in (
-                self._ring_deadline,
-                self._cancel_deadline,
-                self.timer.get_timer(),
-                *(tx.get_timer() for tx, _ in self._client.values()),
-                *(tx.get_timer() for tx in self._server.values()),
-            )
-            if t is not None
-        ]
-        return min(deadlines, default=None)
-
     @property
     def terminated(self) -> bool:
         return self.state is CallState.TERMINATED
@@ -314,11 +265,21 @@ class OutgoingCall(SansIoCall):
 
     # ------------------------------------------------------------------ plumbing
 
-    def _via(self) -> str:
-        return f"SIP/2.0/UDP {_hostport(self.local[0], self.local[1])};rport;branch={new_branch()}"
+    def _transactions(self) -> list[ClientTransaction | ServerTransaction]:
+        return [*(tx for tx, _ in self._client.values()), *self._server.values()]
 
-    def _ua(self) -> list[tuple[str, str]]:
-        return [("User-Agent", self.user_agent)] if self.user_agent else []
+    def _own_deadlines(self) -> tuple[float | None, ...]:
+        return (self._ring_deadline, self._cancel_deadline, self.timer.get_timer())
+
+    def _handle_own_timers(self, now: float) -> None:
+        if due(self._ring_deadline, now):
+            self._ring_deadline = None
+            self._on_ring_timeout(now)
+        if due(self._cancel_deadline, now):
+            self._cancel_deadline = None
+            self._on_cancel_gave_up()
+        if due(self.timer.get_timer(), now):
+            self._on_session_timer(self.timer.handle_timer(now), now)
 
     def _start_client(
         self, request: SipRequest, dest: Addr, now: float, purpose: str
@@ -330,17 +291,6 @@ class OutgoingCall(SansIoCall):
             tx = ClientNonInviteTransaction(request, dest, now, self.timers)
         # We built the Via and CSeq ourselves, so the key always exists.
         self._client[client_key(request) or ("", request.method)] = (tx, purpose)
-        return tx
-
-    def _new_server_tx(self, request: SipRequest, addr: Addr, now: float) -> ServerTransaction:
-        tx: ServerTransaction
-        if request.method == "INVITE":
-            tx = ServerInviteTransaction(request, addr, now, self.timers)
-        else:
-            tx = ServerNonInviteTransaction(request, addr, self.timers)
-        # A peer without RFC 3261 branches still gets a transaction, just not a matchable one.
-        key = server_key(request) or ("", f"rfc2543-{id(tx)}", request.method)
-        self._server[key] = tx
         return tx
 
     def _drive(self, now: float) -> None:
@@ -458,8 +408,8 @@ class OutgoingCall(SansIoCall):
             report("call %s: 2xx we cannot build a dialog from: %s", self.call_id, exc)
             return
         ack = dialog.create_ack(cseq_of(invite).seq, self._via())
-        if self.user_agent:
-            ack.headers.add("User-Agent", self.user_agent)
+        for name, value in self._ua():
+            ack.headers.add(name, value)
         self._acks[tag] = (serialize(ack), dialog.next_hop(self.proxy))
         self._out.append(self._acks[tag])
         if self.dialog is not None:
@@ -596,9 +546,7 @@ class OutgoingCall(SansIoCall):
         self._request_cancel(now, cause)
 
     def _send_bye(self, dialog: Dialog, now: float, cause: int, purpose: str = "bye") -> None:
-        headers = [*self._ua(), ("Reason", causes.reason_header(cause))]
-        bye = dialog.create_request("BYE", self._via(), headers=headers)
-        self._start_client(bye, dialog.next_hop(self.proxy), now, purpose)
+        self._start_client(self._new_bye(dialog, cause), dialog.next_hop(self.proxy), now, purpose)
 
     # ------------------------------------------------------------------ session timer (RFC 4028)
 
@@ -682,6 +630,11 @@ class OutgoingCall(SansIoCall):
         self._send_bye(self.dialog, now, cause)
         self.state = CallState.TERMINATING
 
+    def _interval_too_small(self, request: SipRequest) -> list[tuple[str, str]] | None:
+        if request.method not in ("INVITE", "UPDATE"):
+            return None
+        return self.timer.too_small(request)
+
     def _timer_answer(self, request: SipRequest, now: float) -> list[tuple[str, str]]:
         """The RFC 4028 headers of our 2xx to the peer's re-INVITE or UPDATE (a refresh);
         an UPDATE on the early dialog refreshes nothing."""
@@ -722,25 +675,7 @@ class OutgoingCall(SansIoCall):
         if dialog is None:
             tx.respond(build_response(request, 481, to_tag=new_tag()), now)
             return
-        if not dialog.accept_remote_cseq(request):
-            tx.respond(dialog.create_response(request, 500, "CSeq Out of Order"), now)
-            return
-        too_small = self.timer.too_small(request) if request.method in ("INVITE", "UPDATE") \
-            else None
-        if too_small is not None:  # RFC 4028 §8.1: below our Min-SE
-            tx.respond(dialog.create_response(request, 422, headers=too_small), now)
-            return
-        handler = {
-            "BYE": self._on_bye,
-            "INVITE": self._on_reinvite,
-            "UPDATE": self._on_update,
-            "INFO": self._on_info,
-            "OPTIONS": self._on_options,
-        }.get(request.method)
-        if handler is None:
-            tx.respond(dialog.create_response(request, 405, headers=[("Allow", ALLOW)]), now)
-            return
-        handler(dialog, request, tx, now)
+        self._answer_in_dialog(dialog, request, tx, now)
 
     def _dialog_for(self, request: SipRequest) -> Dialog | None:
         if self.dialog is not None and self.dialog.matches(request):
@@ -757,7 +692,7 @@ class OutgoingCall(SansIoCall):
         ):
             tx.respond(dialog.create_response(request, 481), now)
             return
-        tx.respond(dialog.create_response(request, 200, headers=self._ua_server()), now)
+        tx.respond(dialog.create_response(request, 200, headers=self._server_header()), now)
         if self.state is CallState.CONFIRMED:
             cause = causes.reason_cause(request) or causes.CAUSE_NORMAL
             self._emit(RemoteHangup(cause, causes.causestring(cause)))
@@ -769,79 +704,12 @@ class OutgoingCall(SansIoCall):
         if dialog is not self.dialog or self.state is not CallState.CONFIRMED:
             tx.respond(dialog.create_response(request, 481), now)
             return
-        if (
-            self._reinvite is not None
-            and not self._reinvite[0].acked
-            and not (self._reinvite[0].terminated)
-        ):
-            # §14.2: one offer at a time; the peer retries after Retry-After.
-            tx.respond(dialog.create_response(request, 500, headers=[("Retry-After", "1")]), now)
-            return
-        assert isinstance(tx, ServerInviteTransaction)
-        dialog.target_refresh(request)
-        offer = sdp_body(request)
-        if offer is None:
-            # No offer: ours goes in the 200 (what we want, sendrecv: sdp.py), the peer's
-            # answer comes in the ACK.
-            body = self.local_sdp.offer().encode()
-            self._reinvite = (tx, cseq_of(request).seq, True)
-        else:
-            answer = self._answer(offer)
-            if answer is None:
-                tx.respond(dialog.create_response(request, 488), now)
-                return
-            body = answer.encode()
-            self._reinvite = (tx, cseq_of(request).seq, False)
-        headers = [("Allow", ALLOW), *self._ua_server(), ("Content-Type", "application/sdp")]
-        headers += self._timer_answer(request, now)
-        tx.respond(dialog.create_response(request, 200, headers=headers, body=body), now)
-        if offer is not None:
-            self._emit(RemoteMediaChanged(offer))
-
-    def _on_update(
-        self, dialog: Dialog, request: SipRequest, tx: ServerTransaction, now: float
-    ) -> None:
-        dialog.target_refresh(request)
-        offer = sdp_body(request)
-        if offer is None:
-            headers = [*self._ua_server(), *self._timer_answer(request, now)]
-            tx.respond(dialog.create_response(request, 200, headers=headers), now)
-            return
-        answer = self._answer(offer)
-        if answer is None:
-            tx.respond(dialog.create_response(request, 488), now)
-            return
-        headers = [*self._ua_server(), ("Content-Type", "application/sdp")]
-        headers += self._timer_answer(request, now)
-        tx.respond(dialog.create_response(request, 200, headers=headers, body=answer.encode()), now)
-        self._emit(RemoteMediaChanged(offer))
-
-    def _on_info(
-        self, dialog: Dialog, request: SipRequest, tx: ServerTransaction, now: float
-    ) -> None:
-        tx.respond(dialog.create_response(request, 200, headers=self._ua_server()), now)
-        dtmf = parse_dtmf_info(request)
-        if dtmf is not None:
-            self._emit(InfoDtmf(*dtmf))
-
-    def _on_options(
-        self, dialog: Dialog, request: SipRequest, tx: ServerTransaction, now: float
-    ) -> None:
-        headers = [("Allow", ALLOW), ("Accept", ACCEPT), *self._ua_server()]
-        tx.respond(dialog.create_response(request, 200, headers=headers), now)
+        self._answer_reinvite(dialog, request, tx, now)
 
     def _on_ack(self, request: SipRequest, now: float) -> None:
         """The ACK for a 2xx we sent to a re-INVITE (a new branch, so matched by dialog)."""
-        pending = self._reinvite
-        if pending is None or self.dialog is None or not self.dialog.matches(request):
-            return
-        tx, seq, offer_in_2xx = pending
-        if cseq_of(request).seq != seq:
-            return
-        tx.confirm(now)
-        self._reinvite = None
-        if offer_in_2xx and (answer := sdp_body(request)) is not None:
-            self._emit(RemoteMediaChanged(answer))
+        if self.dialog is not None and self.dialog.matches(request):
+            self._on_reinvite_ack(request, now)
 
     def _on_server_timeout(self, tx: ServerTransaction, now: float) -> None:
         """No ACK for our 2xx to a re-INVITE: §13.3.1.4 says end the session."""
@@ -856,13 +724,3 @@ class OutgoingCall(SansIoCall):
             self._emit(RemoteHangup(cause, causes.causestring(cause)))
             self._send_bye(self.dialog, now, cause)
             self.state = CallState.TERMINATING
-
-    def _answer(self, offer: str) -> str | None:
-        try:
-            return self.local_sdp.answer(offer)
-        except SdpError as exc:
-            log.info("call %s: refusing an SDP offer: %s", self.call_id, exc)
-            return None
-
-    def _ua_server(self) -> list[tuple[str, str]]:
-        return [("Server", self.user_agent)] if self.user_agent else []

@@ -1,24 +1,27 @@
-"""What every sans-IO call object shares (UAC `OutgoingCall`, UAS `IncomingCall`): bytes and
-messages in, datagrams and events out, with the call's own handlers in between."""
+"""What every sans-IO call object shares (UAC `OutgoingCall`, UAS `IncomingCall`, the
+`OrphanedDialog` that ends a dead worker's call): bytes and messages in, datagrams and events
+out, one timer for the owner to arm, with the call's own handlers in between."""
 
 from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Any
 
+from .deadlines import earliest, fire_due
 from .events import CallEvent
 from .message import SipParseError, SipRequest, SipResponse, parse
-from .transaction import Addr
+from .transaction import Addr, ClientTransaction, ServerTransaction
 
 log = logging.getLogger("appliance.sip")
 
 
 class SansIoCall(ABC):
     call_id: str
+    user_agent: str
     _out: list[tuple[bytes, Addr]]
     _events: deque[CallEvent]
 
@@ -32,6 +35,17 @@ class SansIoCall(ABC):
 
     @abstractmethod
     def _drive(self, now: float) -> None: ...
+
+    @abstractmethod
+    def _transactions(self) -> Iterable[ClientTransaction | ServerTransaction]:
+        """Every live transaction of the call: their timers are the call's too."""
+
+    def _own_deadlines(self) -> Iterable[float | None]:
+        """Deadlines the call keeps beside its transactions' (ring timeout, ...)."""
+        return ()
+
+    def _handle_own_timers(self, now: float) -> None:  # noqa: B027 - a hook, empty by default
+        """Act on those of `_own_deadlines()` that are due (after the transactions')."""
 
     # -- the sans-IO interface -------------------------------------------------------------
 
@@ -50,12 +64,28 @@ class SansIoCall(ABC):
             self._on_request(message, addr, now)
         self._drive(now)
 
+    def handle_timer(self, now: float) -> None:
+        fire_due(self._transactions(), now)
+        self._handle_own_timers(now)
+        self._drive(now)
+
+    def get_timer(self) -> float | None:
+        return earliest(
+            *self._own_deadlines(), *(tx.get_timer() for tx in self._transactions())
+        )
+
     def datagrams_to_send(self) -> list[tuple[bytes, Addr]]:
         out, self._out = self._out, []
         return out
 
     def next_event(self) -> CallEvent | None:
         return self._events.popleft() if self._events else None
+
+    # -- plumbing --------------------------------------------------------------------------
+
+    def _ua(self) -> list[tuple[str, str]]:
+        """The User-Agent header of our requests, when we have a product name to give."""
+        return [("User-Agent", self.user_agent)] if self.user_agent else []
 
     def _pump(self, table: dict[Any, Any], handle: Callable[[Any, Any], None],
               tx_of: Callable[[Any], Any] = lambda value: value) -> bool:

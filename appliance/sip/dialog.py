@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -25,6 +26,12 @@ from .message import (
 from .transaction import Addr
 
 ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE"
+ACCEPT = "application/sdp, application/dtmf-relay, application/dtmf"
+
+
+def new_tag() -> str:
+    """A From/To tag of ours (§19.3): random, so a dialog's identity cannot be guessed."""
+    return secrets.token_hex(6)
 
 
 @dataclass

@@ -99,6 +99,9 @@ _VIA_PROTOCOL_RE = re.compile(
     r"\s*SIP\s*/\s*2\.0\s*/\s*(" + _TOKEN + r")\s+(.*)", re.IGNORECASE | re.DOTALL
 )
 _HOST_RE = re.compile(r"[A-Za-z0-9\-_.]+|\[[0-9A-Fa-f:.]+\]")
+# RFC 3261 user part characters (unreserved / escaped / user-unreserved), minus ';' and '?'
+# so a caller number can never smuggle URI parameters or headers into our messages.
+USER_PART_RE = re.compile(r"[A-Za-z0-9\-_.!~*'()&=+$,/%]+")
 # Bytes that may not appear inside a header line once CR and LF are removed.
 _CONTROL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
@@ -508,6 +511,13 @@ def parse_uri(text: str) -> SipUri:
         password=password,
         headers=headers,
     )
+
+
+def format_hostport(host: str, port: int | None = None) -> str:
+    """host[:port] as our URIs and Via show it: an IPv6 address as a reference in brackets
+    (§25.1), and no port when it is the default one."""
+    shown = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    return shown if port in (None, 5060) else f"{shown}:{port}"
 
 
 def _parse_hostport(text: str) -> tuple[str, int | None]:

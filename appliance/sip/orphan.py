@@ -40,7 +40,7 @@ from .transaction import (
     ResponseReceived,
     TimerConfig,
     client_key,
-    new_branch,
+    new_via,
     response_destination,
 )
 
@@ -94,15 +94,6 @@ class OrphanedDialog(SansIoCall):
 
     # -- sans-IO interface -------------------------------------------------------------------
 
-    def handle_timer(self, now: float) -> None:
-        if self._tx is not None and (deadline := self._tx.get_timer()) is not None \
-                and deadline <= now:
-            self._tx.handle_timer(now)
-        self._drive(now)
-
-    def get_timer(self) -> float | None:
-        return None if self._tx is None else self._tx.get_timer()
-
     @property
     def terminated(self) -> bool:
         return self._terminated
@@ -114,12 +105,13 @@ class OrphanedDialog(SansIoCall):
 
     # -- plumbing ----------------------------------------------------------------------------
 
+    def _transactions(self) -> list[ClientNonInviteTransaction]:
+        return [] if self._tx is None else [self._tx]
+
     def _send_bye(self, now: float, extra: tuple[str, str] | None = None) -> None:
         host, port = self.local
-        via = f"SIP/2.0/UDP {host}:{port};rport;branch={new_branch()}"
-        headers = [("Reason", causes.reason_header(self.cause))]
-        if self.user_agent:
-            headers.insert(0, ("User-Agent", self.user_agent))
+        via = new_via(f"{host}:{port}")
+        headers = [*self._ua(), ("Reason", causes.reason_header(self.cause))]
         if extra is not None:
             headers.append(extra)
         bye = self.dialog.create_request("BYE", via, headers=headers)

@@ -30,6 +30,7 @@ import re
 from dataclasses import dataclass
 from enum import Enum, auto
 
+from .deadlines import due, earliest
 from .message import SipParseError, SipRequest, SipResponse, parse_params, split_header_list
 
 RFC_MIN_SE = 90  # §4: no interval below 90 s on the wire; lower ones are for tests only
@@ -198,14 +199,13 @@ class SessionTimer:
     # -- time ------------------------------------------------------------------------------
 
     def get_timer(self) -> float | None:
-        deadlines = [t for t in (self._refresh_at, self._expire_at) if t is not None]
-        return min(deadlines, default=None)
+        return earliest(self._refresh_at, self._expire_at)
 
     def handle_timer(self, now: float) -> TimerAction | None:
-        if self._refresh_at is not None and now >= self._refresh_at:
+        if due(self._refresh_at, now):
             self._refresh_at = None  # one refresh in flight; its 2xx restarts the interval
             return TimerAction.REFRESH
-        if self._expire_at is not None and now >= self._expire_at:
+        if due(self._expire_at, now):
             self.stop()
             return TimerAction.EXPIRE
         return None

@@ -39,6 +39,12 @@ def new_branch() -> str:
     return BRANCH_COOKIE + secrets.token_hex(8)
 
 
+def new_via(sent_by: str) -> str:
+    """The Via of a request we send: UDP, rport asked for (RFC 3581: the answer comes back to
+    the port we sent from, whatever NAT is between) and a new transaction's branch."""
+    return f"SIP/2.0/UDP {sent_by};rport;branch={new_branch()}"
+
+
 @dataclass(frozen=True)
 class TimerConfig:
     """§17.1.1.1 timer values; tests shrink them, production keeps the RFC defaults."""

@@ -21,16 +21,12 @@ States (`state`):
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections import deque
 from collections.abc import Sequence
 from enum import Enum, auto
 
 from . import causes
-from .call import ACCEPT, USER_PART_RE, new_tag
-from .callbase import SansIoCall
-from .dialog import ALLOW, Dialog
-from .dtmf_info import parse_dtmf_info
+from .dialog import ALLOW, Dialog, new_tag
 from .events import (
     AckTimeout,
     CallCancelled,
@@ -38,38 +34,35 @@ from .events import (
     CallerHungUp,
     CallEvent,
     IncomingInvite,
-    InfoDtmf,
-    RemoteMediaChanged,
     Terminated,
 )
 from .message import (
+    USER_PART_RE,
     SipParseError,
     SipRequest,
     SipResponse,
     cseq_of,
+    format_hostport,
     parse_name_addr,
     parse_uri,
     sdp_body,
     tag_of,
     top_via,
 )
-from .sdp import LocalSdp, SdpError
+from .sdp import LocalSdp
+from .session_call import RETRY_AFTER, SessionCall
 from .sources import dialog_peers, normal_ip
 from .transaction import (
     DEFAULT_TIMERS,
     Addr,
     ClientNonInviteTransaction,
+    ClientTransaction,
     ResponseReceived,
     ServerInviteTransaction,
-    ServerNonInviteTransaction,
     ServerTransaction,
     TimerConfig,
-    new_branch,
     server_key,
 )
-
-log = logging.getLogger("appliance.sip")
-
 
 
 class IncomingState(Enum):
@@ -86,11 +79,6 @@ _EARLY = (IncomingState.RECEIVED, IncomingState.RINGING)
 _UP = (IncomingState.ANSWERED, IncomingState.CONFIRMED)
 
 
-def _hostport(host: str, port: int) -> str:
-    shown = f"[{host}]" if ":" in host and not host.startswith("[") else host
-    return shown if port == 5060 else f"{shown}:{port}"
-
-
 def _user_of(uri: str) -> str:
     try:
         return parse_uri(uri).user or uri
@@ -98,7 +86,7 @@ def _user_of(uri: str) -> str:
         return uri  # a tel: URI or the like: show it whole
 
 
-class IncomingCall(SansIoCall):
+class IncomingCall(SessionCall):
     def __init__(
         self,
         invite: SipRequest,
@@ -135,7 +123,7 @@ class IncomingCall(SansIoCall):
         caller = parse_name_addr(invite.headers.get("From") or "")
         callee = parse_name_addr(invite.headers.get("To") or "")
         user = _user_of(callee.uri)
-        self._contact = f"<sip:{_contact_user(user)}@{_hostport(*local)}>"
+        self._contact = f"<sip:{_contact_user(user)}@{format_hostport(*local)}>"
         # §12.1.1: the UAS's dialog; the route set is Record-Route as received (not
         # reversed, we are the callee) and the remote target is the caller's Contact.
         self.dialog = Dialog(
@@ -161,7 +149,7 @@ class IncomingCall(SansIoCall):
             with contextlib.suppress(SipParseError):
                 return parse_name_addr(contact).uri
         # An INVITE must carry a Contact; without one, the address it came from will do.
-        return f"sip:{_hostport(*source)}"
+        return f"sip:{format_hostport(*source)}"
 
     # ------------------------------------------------------------------ the owner's commands
 
@@ -222,21 +210,6 @@ class IncomingCall(SansIoCall):
 
     # ------------------------------------------------------------------ sans-IO interface
 
-    def handle_timer(self, now: float) -> None:
-        for tx in [*self._client.values(), *self._server.values()]:
-            deadline = tx.get_timer()
-            if deadline is not None and deadline <= now:
-                tx.handle_timer(now)
-        self._drive(now)
-
-    def get_timer(self) -> float | None:
-        deadlines = [
-            t
-            for tx in [*self._client.values(), *self._server.values()]
-            if (t := tx.get_timer()) is not None
-        ]
-        return min(deadlines, default=None)
-
     @property
     def ended(self) -> bool:
         """The call is over for the owner (only retransmission timers may still run)."""
@@ -259,25 +232,8 @@ class IncomingCall(SansIoCall):
 
     # ------------------------------------------------------------------ plumbing
 
-    def _via(self) -> str:
-        return f"SIP/2.0/UDP {_hostport(*self.local)};rport;branch={new_branch()}"
-
-    def _server_header(self) -> list[tuple[str, str]]:
-        return [("Server", self.user_agent)] if self.user_agent else []
-
-    def _add_server(self, request: SipRequest, tx: ServerTransaction) -> None:
-        # A peer without RFC 3261 branches still gets a transaction, just not a matchable one.
-        key = server_key(request) or ("", f"rfc2543-{id(tx)}", request.method)
-        self._server[key] = tx
-
-    def _new_server_tx(self, request: SipRequest, addr: Addr, now: float) -> ServerTransaction:
-        tx: ServerTransaction
-        if request.method == "INVITE":
-            tx = ServerInviteTransaction(request, addr, now, self.timers)
-        else:
-            tx = ServerNonInviteTransaction(request, addr, self.timers)
-        self._add_server(request, tx)
-        return tx
+    def _transactions(self) -> list[ClientTransaction | ServerTransaction]:
+        return [*self._client.values(), *self._server.values()]
 
     def _invite_response(
         self,
@@ -312,22 +268,10 @@ class IncomingCall(SansIoCall):
         self._hangup_pending = False
 
     def _send_bye(self, now: float, cause: int) -> None:
-        headers = [*self._ua(), ("Reason", causes.reason_header(cause))]
-        bye = self.dialog.create_request("BYE", self._via(), headers=headers)
+        bye = self._new_bye(self.dialog, cause)
         tx = ClientNonInviteTransaction(bye, self.dialog.next_hop(self.source), now, self.timers)
         self._client[tx.branch] = tx
         self.state = IncomingState.TERMINATING
-
-    def _ua(self) -> list[tuple[str, str]]:
-        return [("User-Agent", self.user_agent)] if self.user_agent else []
-
-    def _answer(self, offer: str) -> str | None:
-        assert self.local_sdp is not None
-        try:
-            return self.local_sdp.answer(offer)
-        except SdpError as exc:
-            log.info("call %s: refusing an SDP offer: %s", self.call_id, exc)
-            return None
 
     # ------------------------------------------------------------------ what the caller sends
 
@@ -373,20 +317,7 @@ class IncomingCall(SansIoCall):
                 self.dialog.create_response(request, 481, headers=self._server_header()), now
             )
             return
-        if not self.dialog.accept_remote_cseq(request):
-            tx.respond(self.dialog.create_response(request, 500, "CSeq Out of Order"), now)
-            return
-        handler = {
-            "BYE": self._on_bye,
-            "INVITE": self._on_reinvite,
-            "UPDATE": self._on_update,
-            "INFO": self._on_info,
-            "OPTIONS": self._on_options,
-        }.get(request.method)
-        if handler is None:
-            tx.respond(self.dialog.create_response(request, 405, headers=[("Allow", ALLOW)]), now)
-            return
-        handler(request, tx, now)
+        self._answer_in_dialog(self.dialog, request, tx, now)
 
     def _on_ack(self, ack: SipRequest, key: tuple[str, str, str] | None, now: float) -> None:
         if key is not None and key in self._server:
@@ -406,13 +337,7 @@ class IncomingCall(SansIoCall):
                 self._hangup_pending = False
                 self._send_bye(now, causes.CAUSE_NORMAL)
             return
-        pending = self._reinvite
-        if pending is not None and seq == pending[1]:
-            tx, _, offer_in_2xx = pending
-            tx.confirm(now)
-            self._reinvite = None
-            if offer_in_2xx and (answer := sdp_body(ack)) is not None:
-                self._emit(RemoteMediaChanged(answer))
+        self._on_reinvite_ack(ack, now)
 
     def _on_cancel(
         self, cancel: SipRequest, key: tuple[str, str, str] | None, addr: Addr, now: float
@@ -430,8 +355,10 @@ class IncomingCall(SansIoCall):
             self._emit(CallCancelled(cause, causes.causestring(cause)))
             self._end()
 
-    def _on_bye(self, request: SipRequest, tx: ServerTransaction, now: float) -> None:
-        tx.respond(self.dialog.create_response(request, 200, headers=self._server_header()), now)
+    def _on_bye(
+        self, dialog: Dialog, request: SipRequest, tx: ServerTransaction, now: float
+    ) -> None:
+        tx.respond(dialog.create_response(request, 200, headers=self._server_header()), now)
         cause = causes.reason_cause(request) or causes.CAUSE_NORMAL
         if self.state in _EARLY:
             # §15.1.2: the caller may BYE an early dialog; the INVITE then gets 487.
@@ -443,68 +370,17 @@ class IncomingCall(SansIoCall):
             self._emit(CallerHungUp(cause, causes.causestring(cause)))
         self._end()
 
-    def _on_reinvite(self, request: SipRequest, tx: ServerTransaction, now: float) -> None:
-        assert isinstance(tx, ServerInviteTransaction)
+    def _on_reinvite(
+        self, dialog: Dialog, request: SipRequest, tx: ServerTransaction, now: float
+    ) -> None:
         if self.state is not IncomingState.CONFIRMED or self.local_sdp is None:
             # §14.2: not while our own 2xx (or an earlier re-INVITE's) awaits its ACK.
             if self.state in _UP:
-                tx.respond(self.dialog.create_response(request, 500, headers=_retry()), now)
+                tx.respond(dialog.create_response(request, 500, headers=RETRY_AFTER), now)
             else:
-                tx.respond(self.dialog.create_response(request, 481), now)
+                tx.respond(dialog.create_response(request, 481), now)
             return
-        pending = self._reinvite
-        if pending is not None and not pending[0].acked and not pending[0].terminated:
-            tx.respond(self.dialog.create_response(request, 500, headers=_retry()), now)
-            return
-        self.dialog.target_refresh(request)
-        offer = sdp_body(request)
-        if offer is None:
-            # No offer: ours goes in the 200 (sendrecv, RFC 6337 §5.3), the caller's answer
-            # comes in the ACK.
-            body = self.local_sdp.offer()
-            self._reinvite = (tx, cseq_of(request).seq, True)
-        else:
-            answer = self._answer(offer)
-            if answer is None:
-                tx.respond(self.dialog.create_response(request, 488), now)
-                return
-            body = answer
-            self._reinvite = (tx, cseq_of(request).seq, False)
-        headers = [("Allow", ALLOW), *self._server_header(), ("Content-Type", "application/sdp")]
-        tx.respond(
-            self.dialog.create_response(request, 200, headers=headers, body=body.encode()), now
-        )
-        if offer is not None:
-            self._emit(RemoteMediaChanged(offer))
-
-    def _on_update(self, request: SipRequest, tx: ServerTransaction, now: float) -> None:
-        self.dialog.target_refresh(request)
-        offer = sdp_body(request)
-        if offer is None:
-            tx.respond(
-                self.dialog.create_response(request, 200, headers=self._server_header()), now
-            )
-            return
-        # An offer before we answered would cross the INVITE's own offer/answer: refuse it.
-        answer = self._answer(offer) if self.local_sdp is not None else None
-        if answer is None:
-            tx.respond(self.dialog.create_response(request, 488), now)
-            return
-        headers = [*self._server_header(), ("Content-Type", "application/sdp")]
-        tx.respond(
-            self.dialog.create_response(request, 200, headers=headers, body=answer.encode()), now
-        )
-        self._emit(RemoteMediaChanged(offer))
-
-    def _on_info(self, request: SipRequest, tx: ServerTransaction, now: float) -> None:
-        tx.respond(self.dialog.create_response(request, 200, headers=self._server_header()), now)
-        dtmf = parse_dtmf_info(request)
-        if dtmf is not None:
-            self._emit(InfoDtmf(*dtmf))
-
-    def _on_options(self, request: SipRequest, tx: ServerTransaction, now: float) -> None:
-        headers = [("Allow", ALLOW), ("Accept", ACCEPT), *self._server_header()]
-        tx.respond(self.dialog.create_response(request, 200, headers=headers), now)
+        self._answer_reinvite(dialog, request, tx, now)
 
     def _on_server_timeout(self, tx: ServerTransaction, now: float) -> None:
         """Timer L without an ACK for a 2xx (§13.3.1.4): end the session with BYE. Other
@@ -521,10 +397,6 @@ class IncomingCall(SansIoCall):
             self._reinvite = None
             self._emit(AckTimeout())
             self._send_bye(now, causes.CAUSE_TIMER_EXPIRY)
-
-
-def _retry() -> list[tuple[str, str]]:
-    return [("Retry-After", "1")]
 
 
 def _contact_user(user: str) -> str:
