@@ -28,6 +28,7 @@ from .message import (
     SipRequest,
     SipResponse,
     build_response,
+    format_hostport,
     serialize,
     top_via,
 )
@@ -109,8 +110,8 @@ class OrphanedDialog(SansIoCall):
         return [] if self._tx is None else [self._tx]
 
     def _send_bye(self, now: float, extra: tuple[str, str] | None = None) -> None:
-        host, port = self.local
-        via = new_via(f"{host}:{port}")
+        # The sent-by the live call's requests had: an IPv6 address in brackets (§25.1).
+        via = new_via(format_hostport(*self.local))
         headers = [*self._ua(), ("Reason", causes.reason_header(self.cause))]
         if extra is not None:
             headers.append(extra)

@@ -335,6 +335,16 @@ def test_an_orphaned_dialog_gets_an_rfc3261_bye() -> None:
     assert closer.terminated
 
 
+def test_an_orphaned_dialogs_bye_has_the_sent_by_the_call_had() -> None:
+    _, snap = snapshot_of_answered_call()
+    for local, sent_by in ((("127.0.0.1", 5062), "127.0.0.1:5062"),
+                           (("::1", 5062), "[::1]:5062")):  # RFC 3261 §25.1: a reference
+        closer = OrphanedDialog(snap, local=local, user_agent="UA", timers=FAST)
+        closer.start(0.0)
+        ((bye, _),) = sent_with_dest(closer)
+        assert (bye.headers.get("Via") or "").split(";")[0] == f"SIP/2.0/UDP {sent_by}"
+
+
 def test_an_orphaned_dialog_nobody_answers_ends_as_408() -> None:
     _, snap = snapshot_of_answered_call()
     closer = orphan(snap)
