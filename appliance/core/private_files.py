@@ -8,6 +8,7 @@ keys, the AP-S and agent token files, the effective config.
 from __future__ import annotations
 
 import os
+import secrets
 import stat
 from pathlib import Path
 
@@ -60,3 +61,31 @@ def fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def create_secret_once(path: Path, data: bytes) -> None:
+    """Put `data` at `path` (0600, its directories 0700) unless the name exists already.
+
+    The whole secret goes to a private temp file first, then link() puts it into place:
+    link fails if the name exists, so two processes starting together agree on one secret
+    (the loser's is dropped) and nobody ever reads a half-written file. O_EXCL + 0600: never
+    readable by others, even briefly.
+    """
+    makedirs_private(path.parent)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = create_private(tmp)
+    try:
+        os.fchmod(fd, 0o600)  # a restrictive umask may have removed our own read bit
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass  # another process won the race: use its secret
+    finally:
+        os.unlink(tmp)
+    fsync_dir(path.parent)

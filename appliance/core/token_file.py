@@ -13,9 +13,7 @@ import secrets
 from pathlib import Path
 
 from appliance.core.private_files import (
-    create_private,
-    fsync_dir,
-    makedirs_private,
+    create_secret_once,
     read_private,
 )
 
@@ -44,26 +42,5 @@ def read_token(path: Path) -> str:
 def load_or_create_token(path: Path) -> str:
     """The token in `path`, or a new random one written there (0600) on first use."""
     if not os.path.lexists(path):
-        _create(path)
+        create_secret_once(path, (secrets.token_urlsafe(32) + "\n").encode())
     return read_token(path)
-
-
-def _create(path: Path) -> None:
-    makedirs_private(path.parent)
-    # Written whole to a private temp file, then link()ed into place: two processes starting
-    # together agree on one token and nobody ever reads a half-written file.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = create_private(tmp)
-    try:
-        os.fchmod(fd, 0o600)  # a restrictive umask may have removed our own read bit
-        os.write(fd, (secrets.token_urlsafe(32) + "\n").encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
-        os.link(tmp, path)
-    except FileExistsError:
-        pass  # another process won the race: use its token
-    finally:
-        os.unlink(tmp)
-    fsync_dir(path.parent)

@@ -13,9 +13,7 @@ import secrets
 from pathlib import Path
 
 from appliance.core.private_files import (
-    create_private,
-    fsync_dir,
-    makedirs_private,
+    create_secret_once,
     read_private,
 )
 
@@ -69,29 +67,5 @@ def load_or_create_master(path: Path) -> bytes:
     offline tools (`appliance decrypt`, `appliance convert`) use load_master and never create.
     """
     if not os.path.lexists(path):
-        _create(path)
+        create_secret_once(path, secrets.token_bytes(MASTER_LEN))
     return load_master(path)
-
-
-def _create(path: Path) -> None:
-    makedirs_private(path.parent)
-    # Write the whole secret to a private temp file, then link() it into place: link fails if
-    # the name exists, so two processes starting together agree on one secret and nobody
-    # ever reads a half-written file. O_EXCL + 0o600: never readable by others, even briefly.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = create_private(tmp)  # os.open(O_CREAT | O_EXCL | O_NOFOLLOW, 0o600)
-    try:
-        os.fchmod(fd, 0o600)  # a restrictive umask may have removed our own read bit
-        data = secrets.token_bytes(MASTER_LEN)
-        if os.write(fd, data) != MASTER_LEN:
-            raise MasterKeyError(f"short write creating {path}")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
-        os.link(tmp, path)
-    except FileExistsError:
-        pass  # another process won the race: use its secret
-    finally:
-        os.unlink(tmp)
-    fsync_dir(path.parent)
