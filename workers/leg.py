@@ -1,9 +1,11 @@
 """One browser's WebRTC leg in a media worker: the answer, ICE, DTLS, and the packets.
 
-This is the I/O edge around `CallMachine` shared by the customer's call (`UserCall`) and
-the agent's video leg (`AgentCall`): it awaits aiortc, feeds the outcomes to the machine
-and performs the release the machine decides on. Once DTLS is up the leg's packets take
-the short path (`SrtpFastPath`) to whoever consumes them: the voice bridge, the video relay.
+A component of a call: the customer's call (`UserCall`) and the agent's (`AgentCall`) each
+contain one. It is the I/O edge around the call's `CallMachine`: it awaits aiortc, feeds the
+outcomes to the machine (as does its owner, with the events only the owner sees) and
+performs the release the machine decides on, reporting each step to its owner through
+`LegOwner`. Once DTLS is up the leg's packets take the short path (`SrtpFastPath`) to
+whoever consumes them: the voice bridge, the video relay.
 """
 
 from __future__ import annotations
@@ -11,8 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.sdp import candidate_from_sdp
@@ -20,11 +21,12 @@ from msgspec import UNSET
 
 from appliance.core import protocol as p
 from appliance.core.tasks import spawn
-from appliance.edges import bus
 from appliance.edges.rtc_adapter import (
+    AudioSender,
     SilentTrack,
     SrtpFastPath,
     apply_candidate_policy,
+    audio_sender,
     make_configuration,
     sender_ssrc,
 )
@@ -32,30 +34,50 @@ from appliance.media import rtcp
 from appliance.media.codec_choice import CodecChoice, NoCommonCodec, choose_codecs
 from appliance.media.rtp import ABS_SEND_TIME_URI
 from appliance.media.video import VideoSink
-from workers.call_state import CallMachine, Event, Release, Transition
+from workers.call_state import CallMachine, Event, Release, State, Transition
+from workers.host import LegHost, Relayed
 from workers.sdp_candidates import extension_id, local_candidates
-
-if TYPE_CHECKING:
-    from workers.worker import Worker
+from workers.video_relay import FeedbackSink, PacketSink, VideoRelay
 
 log = logging.getLogger("appliance.call")
 
-PacketSink = Callable[[bytes], None]
+
+class LegOwner(Protocol):
+    """The call that contains a leg: what the leg reports to it, in this order."""
+
+    async def admit(self) -> None:
+        """Runs first, before the answer: must feed the leg VERIFY_OK or a refusal."""
+        ...
+
+    def connected(self) -> None:
+        """DTLS is up and the fast path attached."""
+        ...
+
+    def released(self, release: Release) -> None:
+        """The machine released the leg (its peer connection is still open)."""
+        ...
+
+    async def teardown(self, release: Release) -> None:
+        """Runs once the release is done; it `close()`s the leg, then reports the end."""
+        ...
 
 
 class WebRtcLeg:
-    module = "User"
-    # What we send to this browser (the answer is sendrecv for these, recvonly otherwise).
-    send_kinds: tuple[str, ...] = ("audio", "video")
-
-    def __init__(self, worker: Worker, conn: int, channel: int, offer: p.Offer) -> None:
-        self.worker = worker
+    def __init__(self, host: LegHost, relay: VideoRelay, owner: LegOwner, conn: int,
+                 channel: int, offer: p.Offer, *, module: str,
+                 send_kinds: tuple[str, ...]) -> None:
+        self._host = host
+        self._relay = relay
+        self._owner = owner
         self.conn = conn
         self.channel = channel
         self.offer = offer
         self.dialogid = offer.dialogid
         self.ref = offer.ref
-        self.machine = CallMachine()
+        self.module = module  # "User" or "Agent", for the logs
+        # What we send to this browser (the answer is sendrecv for these, recvonly otherwise).
+        self.send_kinds = send_kinds
+        self._machine = CallMachine()
         self.pc: RTCPeerConnection | None = None
         self.started = time.monotonic()
         self.connected_at: float | None = None
@@ -67,28 +89,26 @@ class WebRtcLeg:
         self.abs_send_time_id: int | None = None
         self.fast_path: SrtpFastPath | None = None
         # Consumers of this browser's packets, by payload type, and of its RTCP feedback.
-        self.rtp_sinks: dict[int, PacketSink] = {}
-        self.feedback_sinks: dict[int, Callable[[rtcp.Feedback], None]] = {}
+        self._rtp_sinks: dict[int, PacketSink] = {}
+        self._feedback_sinks: dict[int, FeedbackSink] = {}
         self._timers: list[asyncio.TimerHandle] = []
         self._pending_ice: list[p.IceCandidate] = []
         self._task: asyncio.Task[None] | None = None
-        self._closed = asyncio.Event()
         self._tracks: list[SilentTrack] = []
 
-    # -- what a kind of leg adds -----------------------------------------------------------
+    # -- the machine -------------------------------------------------------------------
 
-    async def _before_answer(self) -> None:
-        """Runs first (the User call verifies with AP-S); must feed VERIFY_* to the machine."""
-        self._apply(Event.VERIFY_OK)
+    @property
+    def state(self) -> State:
+        return self._machine.state
 
-    def _after_connected(self) -> None:
-        """DTLS is up and the fast path attached."""
+    @property
+    def live(self) -> bool:
+        return self._machine.live
 
-    def _on_released(self, release: Release) -> None:
-        """The machine released the call (before the peer connection closes)."""
-
-    async def _after_teardown(self, release: Release) -> None:
-        """Reports once everything is closed."""
+    @property
+    def medium(self) -> int:
+        return self.offer.medium
 
     def _requested_audio(self) -> str | None:
         return None if self.offer.audio is UNSET else self.offer.audio
@@ -100,20 +120,20 @@ class WebRtcLeg:
 
     async def _setup(self) -> None:
         try:
-            await self._before_answer()
-            if self.machine.live:
+            await self._owner.admit()
+            if self._machine.live:
                 await self._answer()
         except Exception:  # never let one call take the worker down
             log.exception("channel %d: call setup failed", self.channel)
-            if self.machine.live:
+            if self._machine.live:
                 # PEER_GONE: the one event that releases, with the cause given, from every
                 # live state (SDP_REFUSED exists only while answering).
-                self._apply(Event.PEER_GONE,
-                            release=Release(p.CAUSE_TEMPORARY_FAILURE, "internal error"))
+                self.apply(Event.PEER_GONE,
+                           release=Release(p.CAUSE_TEMPORARY_FAILURE, "internal error"))
 
     async def _answer(self) -> None:
         assert self.offer.offer is not UNSET
-        config = self.worker.config
+        config = self._host.config
         pc = RTCPeerConnection(make_configuration(config.ice_servers()))
         self.pc = pc
         pc.on("connectionstatechange", self._on_connection_state)
@@ -131,13 +151,13 @@ class WebRtcLeg:
                     track = SilentTrack(kind)
                     self._tracks.append(track)
                     pc.addTrack(track)
-            apply_candidate_policy(pc, self.worker.candidate_policy)
+            apply_candidate_policy(pc, self._host.candidate_policy)
             await pc.setLocalDescription(await pc.createAnswer())
         except Exception as exc:  # aiortc raises ValueError & co. on SDP it cannot use
-            if self.machine.live:
-                self._apply(Event.SDP_REFUSED, str(exc) or type(exc).__name__)
+            if self._machine.live:
+                self.apply(Event.SDP_REFUSED, str(exc) or type(exc).__name__)
             return
-        if not self.machine.live:
+        if not self._machine.live:
             return
         sdp = pc.localDescription.sdp
         self.abs_send_time_id = extension_id(sdp, "video", ABS_SEND_TIME_URI)
@@ -150,29 +170,62 @@ class WebRtcLeg:
             self.send(
                 p.Ice(dialogid=self.dialogid, ref=self.ref, channel=self.channel, ice=candidate)
             )
-        self._apply(Event.ANSWER_SENT)
+        self.apply(Event.ANSWER_SENT)
         for ice in self._pending_ice:
             await self._add_remote_candidate(ice)
         self._pending_ice.clear()
         loop = asyncio.get_running_loop()
         self._timers.append(
-            loop.call_later(config.media.dtls_timeout, self._apply, Event.DTLS_TIMEOUT)
+            loop.call_later(config.media.dtls_timeout, self.apply, Event.DTLS_TIMEOUT)
         )
         if pc.connectionState == "connected":  # raced ahead of our handler registration
             self._on_connection_state()
 
     def _on_connection_state(self) -> None:
         pc = self.pc
-        if pc is None or not self.machine.live:
+        if pc is None or not self._machine.live:
             return
         state = pc.connectionState
         if state == "connected" and self.connected_at is None:
             self.connected_at = time.monotonic()
-            self._apply(Event.DTLS_CONNECTED)
+            self.apply(Event.DTLS_CONNECTED)
         elif state == "failed":
-            self._apply(Event.MEDIA_FAILED, "ICE/DTLS failed")
+            self.apply(Event.MEDIA_FAILED, "ICE/DTLS failed")
+
+    async def close(self) -> None:
+        """Stop a setup still running, the tracks and the peer connection."""
+        if self._task is not None and self._task is not asyncio.current_task():
+            self._task.cancel()
+        for track in self._tracks:
+            track.stop()
+        if self.pc is not None:
+            try:
+                await self.pc.close()
+            except Exception:
+                log.exception("channel %d: closing the peer connection failed", self.channel)
 
     # -- packets -------------------------------------------------------------------------
+
+    @property
+    def relaying(self) -> bool:
+        """Whether the fast path was attached (DTLS came up)."""
+        return self.fast_path is not None
+
+    def relayed(self) -> Relayed:
+        if self.fast_path is None:
+            return Relayed()
+        return Relayed(self.fast_path.received, self.fast_path.sent)
+
+    def route_rtp(self, payload_type: int, sink: PacketSink) -> None:
+        """This browser's RTP of `payload_type` goes to `sink` from now on."""
+        self._rtp_sinks[payload_type] = sink
+
+    def route_feedback(self, ssrc: int, sink: FeedbackSink) -> None:
+        """This browser's RTCP feedback about `ssrc` goes to `sink` from now on."""
+        self._feedback_sinks[ssrc] = sink
+
+    def clear_feedback(self) -> None:
+        self._feedback_sinks.clear()
 
     def silent_track(self, kind: str) -> SilentTrack | None:
         return next((t for t in self._tracks if t.kind == kind), None)
@@ -189,8 +242,12 @@ class WebRtcLeg:
         assert self.pc is not None
         return sender_ssrc(self.pc, kind)
 
+    def audio_sender(self) -> AudioSender:
+        assert self.pc is not None
+        return audio_sender(self.pc)
+
     def _on_rtp(self, packet: bytes) -> None:
-        sink = self.rtp_sinks.get(packet[1] & 0x7F)
+        sink = self._rtp_sinks.get(packet[1] & 0x7F)
         if sink is not None:
             sink(packet)
 
@@ -199,7 +256,7 @@ class WebRtcLeg:
             ssrc = item.ssrc if isinstance(item, rtcp.ReportBlock) else (
                 item.ssrcs[0] if isinstance(item, rtcp.Remb) and item.ssrcs else
                 getattr(item, "media_ssrc", None))
-            sink = self.feedback_sinks.get(ssrc) if ssrc is not None else None
+            sink = self._feedback_sinks.get(ssrc) if ssrc is not None else None
             if sink is not None:
                 sink(item)
 
@@ -214,19 +271,17 @@ class WebRtcLeg:
     # -- inputs from the browser ---------------------------------------------------------
 
     def client_action(self, action: p.Action) -> None:
+        """The browser's own actions on its leg: release and ICE (the call takes the rest)."""
         if isinstance(action, p.Release):
-            self._apply(Event.CLIENT_RELEASE)
+            self.apply(Event.CLIENT_RELEASE)
         elif isinstance(action, p.Ice) and action.ice is not UNSET:
             if self.pc is None or self.pc.remoteDescription is None:
                 self._pending_ice.append(action.ice)
             else:
                 spawn(self._add_remote_candidate(action.ice))
         else:
-            self._other_action(action)
-
-    def _other_action(self, action: p.Action) -> None:
-        log.info("channel %d: %s ignored in this call state", self.channel,
-                 type(action).__name__)
+            log.info("channel %d: %s ignored in this call state", self.channel,
+                     type(action).__name__)
 
     async def _add_remote_candidate(self, ice: p.IceCandidate) -> None:
         if self.pc is None or not ice.candidate:
@@ -240,19 +295,20 @@ class WebRtcLeg:
             log.info("channel %d: ignored remote candidate %r: %s", self.channel, ice, exc)
 
     def connection_closed(self) -> None:
-        self._apply(Event.CONNECTION_CLOSED)
+        self.apply(Event.CONNECTION_CLOSED)
 
     def shutdown(self) -> None:
-        self._apply(Event.SHUTDOWN)
+        self.apply(Event.SHUTDOWN)
 
     def release(self, cause: int, causestring: str) -> None:
         """The room ends this leg (the customer's call is over)."""
-        self._apply(Event.PEER_GONE, release=Release(cause, causestring))
+        self.apply(Event.PEER_GONE, release=Release(cause, causestring))
 
     # -- the machine's decisions -------------------------------------------------------
 
-    def _apply(self, event: Event, detail: str = "", release: Release | None = None) -> None:
-        transition = self.machine.handle(event, detail, release)
+    def apply(self, event: Event, detail: str = "", release: Release | None = None) -> None:
+        """Feed the machine one event and perform what it decides."""
+        transition = self._machine.handle(event, detail, release)
         if transition is None:
             return
         if event is Event.DTLS_CONNECTED:
@@ -264,19 +320,13 @@ class WebRtcLeg:
         setup_ms = (time.monotonic() - self.started) * 1000
         log.info("channel %d: DTLS connected %.0f ms after offer (%s leg)", self.channel,
                  setup_ms, self.module)
-        self.worker.metrics_setup_ms.append(setup_ms)
-        self.worker.send(bus.CallConnected(self.channel))  # setup over: admission counts it
+        self._host.call_connected(self.channel, setup_ms)  # setup over: admission counts it
         for timer in self._timers:
             timer.cancel()
         self._timers.clear()
         assert self.pc is not None
-        baseline = self.worker.config.media.relay == "aiortc"
-        # Baseline mode leaves video and RTCP to aiortc (decode + re-encode through tracks).
-        # The product takes every RTP packet (those nobody consumes yet are dropped, never
-        # decoded); the baseline leaves what the relay does not consume to aiortc.
-        self.fast_path = SrtpFastPath(self.pc, self._on_rtp,
-                                      None if baseline else self._on_rtcp,
-                                      handled_pts=self.rtp_sinks if baseline else None)
+        self.fast_path = self._relay.attach(self.pc, self._on_rtp, self._on_rtcp,
+                                            self._rtp_sinks)
         self.send(
             p.DTLSconnect(dialogid=self.dialogid, ref=self.ref, channel=self.channel,
                           medium=p.medium_name(self.offer.medium))
@@ -284,9 +334,9 @@ class WebRtcLeg:
         if self.offer.lifetime > 0:
             loop = asyncio.get_running_loop()
             self._timers.append(
-                loop.call_later(self.offer.lifetime, self._apply, Event.LIFETIME_EXPIRED)
+                loop.call_later(self.offer.lifetime, self.apply, Event.LIFETIME_EXPIRED)
             )
-        self._after_connected()
+        self._owner.connected()
 
     def _release(self, transition: Transition) -> None:
         release = transition.release
@@ -301,33 +351,14 @@ class WebRtcLeg:
         for timer in self._timers:
             timer.cancel()
         self._timers.clear()
-        self._on_released(release)
+        self._owner.released(release)
         # A hang-up by either side is normal; anything the appliance or network caused is not.
         normal = (release.cause == p.CAUSE_NORMAL and release.causestring in (
             "normal release", "lifetime expired")) or not release.tell_client
-        self.worker.leg_released(self, release.cause, normal)
+        self._host.leg_released(normal, self.relayed())
         if self.fast_path is not None:
             self.fast_path.detach()
-        spawn(self._teardown(release), f"teardown-{self.channel}")
-
-    async def _teardown(self, release: Release) -> None:
-        if self._task is not None and self._task is not asyncio.current_task():
-            self._task.cancel()
-        for track in self._tracks:
-            track.stop()
-        if self.pc is not None:
-            try:
-                await self.pc.close()
-            except Exception:
-                log.exception("channel %d: closing the peer connection failed", self.channel)
-        self.worker.call_ended(self)
-        try:
-            await self._after_teardown(release)
-        finally:
-            self._closed.set()
-
-    async def wait_closed(self) -> None:
-        await self._closed.wait()
+        spawn(self._owner.teardown(release), f"teardown-{self.channel}")
 
     def send(self, action: p.Action) -> None:
-        self.worker.send(bus.ToClient(self.conn, action))
+        self._host.to_client(self.conn, action)

@@ -1,7 +1,10 @@
 """A room: the customer's call and, once the agent's page joins, the agent's video leg.
 
-It links the two browser legs: video relayed both ways, Join/Leave indications, app data
-(`peerdata` command) from one party to the other, and the quality figures every 5 s.
+It links the two browser legs: video both ways (through the `VideoRelay` it is given),
+Join/Leave indications, app data (`peerdata` command) from one party to the other, the
+quality figures every 5 s and the network watch every second. Everything it measures or
+records with is given to it: each camera's `VideoPath`, the voice bridge's meters, the
+recorder, the watch's settings; the calls that own the legs stay out of its sight.
 """
 
 from __future__ import annotations
@@ -12,15 +15,16 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from appliance.core import protocol as p
-from appliance.media.quality import Figures, PartyQuality, StreamMeter
-from appliance.media.video import VIDEO_CLOCK, VideoPath
-from workers.room_watch import RoomWatch
+from appliance.core.config import MessagesConfig
+from appliance.media.conditions import Thresholds
+from appliance.media.quality import Figures, PartyQuality
+from appliance.media.video import VideoPath
+from workers.leg import WebRtcLeg
+from workers.room_watch import RoomWatch, VoiceMeters
+from workers.video_relay import VideoRelay
 
 if TYPE_CHECKING:
     from appliance.recording.capture import CallRecorder
-    from workers.agent_call import AgentCall
-    from workers.leg import WebRtcLeg
-    from workers.user_call import UserCall
 
 log = logging.getLogger("appliance.room")
 
@@ -28,34 +32,35 @@ QUALITY_INTERVAL = 5.0
 
 
 class Room:
-    def __init__(self, roomkey: int, user: UserCall) -> None:
+    def __init__(self, roomkey: int, user: WebRtcLeg, relay: VideoRelay,
+                 thresholds: Thresholds, messages: MessagesConfig) -> None:
         self.roomkey = roomkey
-        self.user = user
-        self.agent: AgentCall | None = None
+        self.user = user  # the customer's leg
+        self.agent: WebRtcLeg | None = None  # the agent's video leg, once admitted
+        self._relay = relay
         self.user_video: VideoPath | None = None  # customer's camera -> agent's page
         self.agent_video: VideoPath | None = None  # agent's camera -> customer's page
+        self._voice: VoiceMeters | None = None  # the call's voice bridge, once it exists
         self._quality_timer: asyncio.TimerHandle | None = None
         self._watch_timer: asyncio.TimerHandle | None = None
-        self.watch = RoomWatch(self)
-        self.recorder: CallRecorder | None = None
+        self.watch = RoomWatch(roomkey, thresholds, messages)
+        self._recorder: CallRecorder | None = None
         self.closed = False
 
     # -- the customer's leg --------------------------------------------------------------
 
-    @property
-    def baseline(self) -> bool:
-        return self.user.worker.config.media.relay == "aiortc"
-
-    def user_connected(self) -> None:
-        user = self.user
-        if user.video is not None and not self.baseline:
-            self.user_video = VideoPath(
-                StreamMeter(VIDEO_CLOCK, is_vp8=True), user.send_rtcp, user.our_ssrc("video")
-            )
-            user.rtp_sinks[user.video.payload_type] = self.user_video.from_source
-            self.user_video.tap = self._recording_tap("user")
+    def user_connected(self, video: VideoPath | None, recorder: CallRecorder | None) -> None:
+        """The customer's DTLS is up: `video` is its camera's path, `recorder` the call's."""
+        self._recorder = recorder
+        self.user_video = video
+        if video is not None:
+            video.tap = self._recording_tap("user")
         self._schedule_quality()
         self._schedule_watch()
+
+    def voice_connected(self, voice: VoiceMeters | None) -> None:
+        """The call's voice bridge to the desk phone exists: its meters count from now."""
+        self._voice = voice
 
     def user_ended(self) -> None:
         """The customer's call is over: the agent's page is told and released too."""
@@ -64,61 +69,52 @@ class Room:
             if timer is not None:
                 timer.cancel()
         agent = self.agent
-        if agent is not None and agent.machine.live:
+        if agent is not None and agent.live:
             agent.send(self._peerdata(agent, self.user, "Leave", p.medium_name(
-                self.user.offer.medium)))
+                self.user.medium)))
             agent.release(p.CAUSE_NORMAL, "normal release")
 
     # -- the agent's leg -----------------------------------------------------------------
 
-    def admit(self, agent: AgentCall) -> str | None:
-        """None if the agent may join, else why not (the causestring of its release)."""
-        if self.closed:
-            return "invalid roomkey"
+    def admit(self, agent: WebRtcLeg) -> str | None:
+        """None if the agent may join, else why not (the causestring of its release).
+
+        The supervisor books one agent per room and refuses a second before it reaches us;
+        a second one here means its bookkeeping and ours disagree."""
         if self.agent is not None:
+            log.error("room %d: already has the agent on channel %d; refusing the agent on "
+                      "channel %d", self.roomkey, self.agent.channel, agent.channel)
             return "room already has an agent"
         self.agent = agent
         return None
 
-    def agent_connected(self, agent: AgentCall) -> None:
+    def agent_connected(self, agent: WebRtcLeg, video: VideoPath | None) -> None:
+        """The agent's DTLS is up: `video` is its camera's path."""
         user = self.user
         if self.closed or agent is not self.agent:
             return
-        if self.baseline:
-            connect_through_tracks(user, agent)
-        elif agent.video is not None:
-            self.agent_video = VideoPath(
-                StreamMeter(VIDEO_CLOCK, is_vp8=True), agent.send_rtcp, agent.our_ssrc("video")
-            )
-            agent.rtp_sinks[agent.video.payload_type] = self.agent_video.from_source
-            self.agent_video.tap = self._recording_tap("agent")
-            if user.video is not None and user.fast_path is not None:
-                # Agent's camera to the customer; the customer's RTCP about it comes back here.
-                self.agent_video.connect(user.video_sink())
-                user.feedback_sinks[user.our_ssrc("video")] = self.agent_video.from_sink_feedback
-        if self.user_video is not None and agent.video is not None:
-            self.user_video.connect(agent.video_sink())
-            agent.feedback_sinks[agent.our_ssrc("video")] = self.user_video.from_sink_feedback
+        self.agent_video = video
+        if video is not None:
+            video.tap = self._recording_tap("agent")
+        self._relay.join(user, self.user_video, agent, video)
         log.info("room %d: agent on channel %d joined the customer on channel %d",
                  self.roomkey, agent.channel, user.channel)
         user.send(self._peerdata(user, agent, "Join", "video"))
-        agent.send(self._peerdata(agent, user, "Join", p.medium_name(user.offer.medium)))
+        agent.send(self._peerdata(agent, user, "Join", p.medium_name(user.medium)))
 
     def _recording_tap(self, who: str) -> Callable[[bytes, bool, int, int], None] | None:
-        recorder = self.recorder
+        recorder = self._recorder
         if recorder is None:
             return None
         return lambda payload, marker, ts, seq: recorder.video(who, payload, marker, ts, seq)
 
-    def agent_left(self, agent: AgentCall) -> None:
+    def agent_left(self, agent: WebRtcLeg) -> None:
         if agent is not self.agent:
             return
         self.agent = None
-        if self.user_video is not None:
-            self.user_video.disconnect()
-        self.user.feedback_sinks.clear()
+        self._relay.part(self.user, self.user_video)
         self.agent_video = None
-        if not self.closed and self.user.machine.live:
+        if not self.closed and self.user.live:
             log.info("room %d: agent on channel %d left", self.roomkey, agent.channel)
             self.user.send(self._peerdata(self.user, agent, "Leave", "video"))
 
@@ -130,7 +126,7 @@ class Room:
         up to the people in it). Returns how many legs were told."""
         told = 0
         for leg in (self.user, self.agent):
-            if leg is None or not leg.machine.live:
+            if leg is None or not leg.live:
                 continue
             # "warning": possible misuse of the customer's identity deserves attention (the
             # pages show it amber, announced as an alert); "error" would say the call failed.
@@ -146,14 +142,14 @@ class Room:
     def command(self, sender: WebRtcLeg, action: p.PeerData) -> None:
         """`peerdata` type "command" from one party is delivered to the other."""
         other: WebRtcLeg | None = self.agent if sender is self.user else self.user
-        if other is None or not other.machine.live:
+        if other is None or not other.live:
             log.info("room %d: peerdata from channel %d has nobody to go to", self.roomkey,
                      sender.channel)
             return
         other.send(
             p.PeerData(dialogid=other.dialogid, ref=other.ref, channel=other.channel,
                        peerchannel=sender.channel, type="command",
-                       medium=p.medium_name(sender.offer.medium), peerdata=action.peerdata,
+                       medium=p.medium_name(sender.medium), peerdata=action.peerdata,
                        value=action.value, nickname=action.nickname, userid=action.userid)
         )
 
@@ -171,7 +167,8 @@ class Room:
 
     def _watch_tick(self) -> None:
         try:
-            self.watch.tick()
+            self.watch.tick(self.user, self.agent, self.user_video, self.agent_video,
+                            self._voice)
         except Exception:  # a measurement glitch must not stop the watch for the call
             log.exception("room %d: network watch failed", self.roomkey)
         finally:
@@ -193,7 +190,7 @@ class Room:
             peer_channel = agent.channel if agent is not None else user.channel
             user.send(_figures(p.MyResolution, user, user.channel, customer))
             user.send(_figures(p.PeerResolution, user, peer_channel, agent_side))
-            if agent is not None and agent.machine.live and agent.fast_path is not None:
+            if agent is not None and agent.live and agent.relaying:
                 agent.send(_figures(p.MyResolution, agent, agent.channel, agent_side))
                 agent.send(_figures(p.PeerResolution, agent, user.channel, customer))
         finally:
@@ -202,10 +199,10 @@ class Room:
     def sample(self) -> tuple[Figures, Figures]:
         """(the customer's streams, the agent side's streams: desk phone voice + agent video)
         as the appliance received them over the last period."""
-        bridge = self.user.sip.bridge if self.user.sip is not None else None
-        customer = PartyQuality(bridge.browser_meter if bridge else None,
+        voice = self._voice
+        customer = PartyQuality(voice.browser_meter if voice else None,
                                 self.user_video.meter if self.user_video else None)
-        agent_side = PartyQuality(bridge.phone_meter if bridge else None,
+        agent_side = PartyQuality(voice.phone_meter if voice else None,
                                   self.agent_video.meter if self.agent_video else None)
         if self.user_video is not None:
             customer.remb_bps = self.user_video.receiver_remb_bps
@@ -220,19 +217,3 @@ def _figures(kind: type[p.MyResolution] | type[p.PeerResolution], to: WebRtcLeg,
                 height=figures.height, REMB=figures.REMB, framerate=figures.framerate,
                 audio_bitrate=figures.audio_bitrate, video_bitrate=figures.video_bitrate,
                 jitter=figures.jitter, packetloss=figures.packetloss)
-
-
-def connect_through_tracks(user: WebRtcLeg, agent: WebRtcLeg) -> None:
-    """The bench's baseline: aiortc decodes each camera and re-encodes it for the other
-    browser (MediaRelay), the way an aiortc application relays without our packet path."""
-    from aiortc.contrib.media import MediaRelay
-
-    relay = MediaRelay()
-    assert user.pc is not None and agent.pc is not None
-    for source, destination in ((user, agent), (agent, user)):
-        assert source.pc is not None
-        incoming = next((t.receiver.track for t in source.pc.getTransceivers()
-                         if t.kind == "video"), None)
-        outgoing = destination.silent_track("video")
-        if incoming is not None and outgoing is not None:
-            outgoing.attach(relay.subscribe(incoming, buffered=False))

@@ -1,7 +1,8 @@
 """The desk-phone half of a User call: INVITE, the RTP sockets and the voice bridge.
 
 It turns SIP events into a few calls on its owner (`SipLegOwner`), and the owner's
-decisions (hang up, send a key) into SIP and RTP.
+decisions (hang up, send a key) into SIP and RTP. The voice crosses to the customer's
+browser through the WebRTC leg it is given (`BrowserLeg`).
 """
 
 from __future__ import annotations
@@ -10,16 +11,16 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 from appliance.core.config import Config
-from appliance.edges.rtc_adapter import audio_sender, sync_sender_report
+from appliance.edges.rtc_adapter import AudioSender, sync_sender_report
 from appliance.media import rtp
 from appliance.media.codec_choice import AudioChoice
 from appliance.media.ringback import Cadence
 from appliance.media.rtp import ntp_now
 from appliance.media.sip_rtp import RtpSocketPair
-from appliance.media.voice import BrowserAudio, VoiceBridge
+from appliance.media.voice import BrowserAudio, VoiceBridge, VoiceRecorder
 from appliance.sip import events as sip_events
 from appliance.sip.auth import Credentials
 from appliance.sip.endpoint import SipEndpoint
@@ -30,18 +31,24 @@ log = logging.getLogger("appliance.sip_leg")
 
 
 class SipLegOwner(Protocol):
-    channel: int
-    pc: Any
-    rtp_sinks: dict[int, Callable[[bytes], None]]
-
-    def send_rtp(self, packet: bytes) -> None: ...
-    def send_rtcp(self, packet: bytes) -> None: ...
+    """The call the SIP leg belongs to: what the phone's side did."""
 
     def sip_ringing(self) -> None: ...
     def sip_answered(self) -> None: ...
     def sip_failed(self, cause: int, causestring: str) -> None: ...
     def sip_hangup(self) -> None: ...
     def phone_dtmf(self, key: str) -> None: ...
+
+
+class BrowserLeg(Protocol):
+    """The customer's WebRTC leg (`WebRtcLeg`), as the voice bridge uses it."""
+
+    channel: int
+
+    def audio_sender(self) -> AudioSender: ...
+    def send_rtp(self, packet: bytes) -> None: ...
+    def send_rtcp(self, packet: bytes) -> None: ...
+    def route_rtp(self, payload_type: int, sink: Callable[[bytes], None]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -58,8 +65,11 @@ def user_to_user(roomkey: int) -> str:
 
 
 class SipLeg:
-    def __init__(self, owner: SipLegOwner, endpoint: SipEndpoint, config: Config) -> None:
+    def __init__(self, owner: SipLegOwner, browser: BrowserLeg, endpoint: SipEndpoint,
+                 config: Config) -> None:
         self.owner = owner
+        self.browser = browser
+        self.channel = browser.channel
         self.endpoint = endpoint
         self.config = config
         self.call_id: str | None = None
@@ -73,18 +83,18 @@ class SipLeg:
             rtp_address, sip.rtp_port_min, sip.rtp_port_max,
             on_rtp=self._from_phone, on_rtcp=self._from_phone_rtcp,
         )
-        sender = audio_sender(self.owner.pc)
+        sender = self.browser.audio_sender()
         self.bridge = VoiceBridge(
-            BrowserAudio(audio.codec, audio.payload_type, sender.ssrc, self.owner.send_rtp),
+            BrowserAudio(audio.codec, audio.payload_type, sender.ssrc, self.browser.send_rtp),
             sockets,
             on_dtmf=self.owner.phone_dtmf,
             cadence=Cadence(tuple(sip.ringback_hz), sip.ringback_on_ms, sip.ringback_off_ms),
             cname=self.config.appliance.id,
             latching=sip.rtp_latching,
-            label=f"channel {self.owner.channel}: ",
+            label=f"channel {self.channel}: ",
         )
         self.bridge.start()
-        self.owner.rtp_sinks[audio.payload_type] = self.bridge.from_browser
+        self.browser.route_rtp(audio.payload_type, self.bridge.from_browser)
         credentials = Credentials(sip.username, sip.password) if sip.username else None
         call = self.endpoint.place_call(
             parties.caller,
@@ -97,8 +107,13 @@ class SipLeg:
             session_timer=TimerSettings(sip.session_expires, sip.session_min_se),
         )
         self.call_id = call.call_id
-        log.info("channel %d: INVITE %s -> %s (Call-ID %s, RTP %s:%d)", self.owner.channel,
+        log.info("channel %d: INVITE %s -> %s (Call-ID %s, RTP %s:%d)", self.channel,
                  parties.caller, parties.callee, call.call_id, rtp_address, sockets.port)
+
+    def record_to(self, recorder: VoiceRecorder | None) -> None:
+        """The call's recorder hears both sides of the voice from now on."""
+        if self.bridge is not None:
+            self.bridge.recorder = recorder
 
     # -- media taps ----------------------------------------------------------------------
 
@@ -117,11 +132,11 @@ class SipLeg:
         if self.bridge is None:
             return
         out = self.bridge.to_browser
-        sender = audio_sender(self.owner.pc)
+        sender = self.browser.audio_sender()
         sync_sender_report(sender.sender, out.packets, out.octets, out.last_timestamp, ntp_now())
         stats = self.bridge.browser_meter.rtp
         if stats.received:
-            self.owner.send_rtcp(rtp.receiver_report(sender.ssrc, [stats.report_block()]))
+            self.browser.send_rtcp(rtp.receiver_report(sender.ssrc, [stats.report_block()]))
 
     # -- SIP events ----------------------------------------------------------------------
 
@@ -146,7 +161,7 @@ class SipLeg:
             self.owner.phone_dtmf(event.key)
         elif isinstance(event, sip_events.Failed):
             self._ended = True
-            log.info("channel %d: SIP %d %s -> cause %d %s", self.owner.channel, event.status,
+            log.info("channel %d: SIP %d %s -> cause %d %s", self.channel, event.status,
                      event.reason, event.cause, event.causestring)
             self.owner.sip_failed(event.cause, event.causestring)
         elif isinstance(event, sip_events.RemoteHangup):
@@ -154,7 +169,7 @@ class SipLeg:
             if event.cause == sip_events.RemoteHangup.cause:
                 self.owner.sip_hangup()
             else:  # e.g. 102 when the session timer expired: the browser learns why
-                log.info("channel %d: SIP dialog ended, cause %d %s", self.owner.channel,
+                log.info("channel %d: SIP dialog ended, cause %d %s", self.channel,
                          event.cause, event.causestring)
                 self.owner.sip_failed(event.cause, event.causestring)
         elif isinstance(event, sip_events.Terminated):
@@ -166,7 +181,7 @@ class SipLeg:
         try:
             far = audio_endpoint(sdp)
         except SdpError as exc:
-            log.warning("channel %d: unusable SDP from the phone: %s", self.owner.channel, exc)
+            log.warning("channel %d: unusable SDP from the phone: %s", self.channel, exc)
             return
         self.bridge.phone_sdp(far.address, far.port, far.telephone_event_pt, hold=far.on_hold)
 

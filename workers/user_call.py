@@ -1,6 +1,9 @@
 """The customer's call: AP-S verify, the WebRTC leg, then the desk phone over SIP.
 
-The room it opens is where the agent's video leg joins it later.
+It contains the customer's `WebRtcLeg`, the `SipLeg` to the desk phone, the room it opens
+(where the agent's video leg joins it later) and, when the offer asks for it, the recorder.
+The leg reports to it (`LegOwner`), as does the SIP leg (`SipLegOwner`); it reports to the
+worker through `CallHost`.
 
 Every call AP-S verified ends with exactly one release report and EndCall, whatever ends
 it and whenever: the verify request runs as a task of its own that the call's teardown
@@ -13,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
 
 from msgspec import UNSET
 
@@ -23,12 +25,13 @@ from appliance.edges import bus
 from appliance.edges.aps_client import ApsUnavailable, VerifyRejected, VerifyResult
 from appliance.recording.capture import CallRecorder
 from workers.call_state import Event, Release, State
+from workers.host import CallHost, Relayed
 from workers.leg import WebRtcLeg
 from workers.room import Room
+from workers.room_watch import watch_thresholds
+from workers.rooms import RoomRegistry
 from workers.sip_leg import CallParties, SipLeg
-
-if TYPE_CHECKING:
-    from workers.worker import Worker
+from workers.video_relay import VideoRelay
 
 log = logging.getLogger("appliance.call")
 
@@ -37,22 +40,63 @@ def _opt(value: object) -> object:
     return None if value is UNSET else value
 
 
-class UserCall(WebRtcLeg):
+class UserCall:
     module = "User"
 
-    def __init__(self, worker: Worker, conn: int, channel: int, offer: p.Offer) -> None:
-        super().__init__(worker, conn, channel, offer)
+    def __init__(self, host: CallHost, rooms: RoomRegistry, relay: VideoRelay, conn: int,
+                 channel: int, offer: p.Offer) -> None:
+        self._host = host
+        self._rooms = rooms
+        self._relay = relay
+        self.conn = conn
+        self.channel = channel
+        self.offer = offer
+        self.dialogid = offer.dialogid
+        self.ref = offer.ref
+        self.leg = WebRtcLeg(host, relay, self, conn, channel, offer, module=self.module,
+                             send_kinds=("audio", "video"))
         self.roomkey: int | None = None
         self.room: Room | None = None
         self.sip: SipLeg | None = None
+        self.recorder: CallRecorder | None = None
         self._rtcp_sync: asyncio.TimerHandle | None = None
         self._verify: asyncio.Task[VerifyResult] | None = None
+        self._closed = asyncio.Event()
+
+    # -- Call: what the worker drives -------------------------------------------------------
+
+    def start(self) -> None:
+        self.leg.start()
+
+    def client_action(self, action: p.Action) -> None:
+        if isinstance(action, p.DTMF):
+            if self.sip is not None and self.leg.state in (State.RINGING, State.ANSWERED):
+                self.sip.send_dtmf(action.value)
+            else:
+                log.info("channel %d: DTMF %s ignored before the phone leg is up",
+                         self.channel, action.value)
+        elif isinstance(action, p.PeerData) and self.room is not None:
+            self.room.command(self.leg, action)
+        else:
+            self.leg.client_action(action)
+
+    def connection_closed(self) -> None:
+        self.leg.connection_closed()
+
+    def shutdown(self) -> None:
+        self.leg.shutdown()
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+    def relayed(self) -> Relayed:
+        return self.leg.relayed()
 
     # -- AP-S -----------------------------------------------------------------------------
 
     async def _verify_with_aps(self) -> VerifyResult:
         offer = self.offer
-        result = await self.worker.aps.verify(
+        result = await self._host.verify(
             channel=self.channel,
             dialogid=offer.dialogid,
             ref=offer.ref,
@@ -66,92 +110,96 @@ class UserCall(WebRtcLeg):
         self.roomkey = result.roomkey
         return result
 
-    async def _before_answer(self) -> None:
+    async def admit(self) -> None:
         self._verify = asyncio.create_task(self._verify_with_aps(), name=f"verify-{self.channel}")
         try:
             # shield: the teardown cancels this setup task, never the request itself.
             result = await asyncio.shield(self._verify)
         except VerifyRejected as exc:
             log.info("channel %d: AP-S refused the user: %s", self.channel, exc)
-            self._apply(Event.VERIFY_REJECTED)
+            self.leg.apply(Event.VERIFY_REJECTED)
             return
         except ApsUnavailable as exc:
             log.warning("channel %d: AP-S unavailable: %s", self.channel, exc)
-            self._apply(Event.APS_DOWN)
+            self.leg.apply(Event.APS_DOWN)
             return
         if result.notify is not None:
             # Duplicate login (Flow 3): the supervisor tells the other appliance; this call
             # goes on at once, whatever becomes of that notice.
             n = result.notify
-            self.worker.send(bus.NotifyPeer(n.ms, n.roomkey, n.message))
-        if not self.machine.live:  # the browser hung up while AP-S was thinking
+            self._host.send(bus.NotifyPeer(n.ms, n.roomkey, n.message))
+        if not self.leg.live:  # the browser hung up while AP-S was thinking
             return  # the teardown reports the end of this roomkey
-        self.room = Room(result.roomkey, self)
-        self.worker.rooms[result.roomkey] = self.room
-        self.worker.send(bus.RoomOpened(self.channel, result.roomkey))
-        self._apply(Event.VERIFY_OK)
-        self.send(p.Alert(dialogid=self.dialogid, ref=self.ref, channel=self.channel))
+        config = self._host.config
+        self.room = Room(result.roomkey, self.leg, self._relay,
+                         watch_thresholds(config.conditions), config.messages)
+        self._rooms.open(self.room)
+        self._host.send(bus.RoomOpened(self.channel, result.roomkey))
+        self.leg.apply(Event.VERIFY_OK)
+        self.leg.send(p.Alert(dialogid=self.dialogid, ref=self.ref, channel=self.channel))
 
     # -- connected: the room and the desk phone ----------------------------------------
 
-    def _after_connected(self) -> None:
+    def connected(self) -> None:
         if self.offer.record == 1:
             self._start_recording()
         if self.room is not None:
-            self.room.user_connected()
+            self.room.user_connected(self._relay.receive(self.leg), self.recorder)
         spawn(self._start_sip(), f"sip-{self.channel}")
 
     def _start_recording(self) -> None:
         assert self.roomkey is not None and self.room is not None
-        config = self.worker.config
+        config = self._host.config
         try:
             recorder = CallRecorder(
                 config.recording_path, roomkey=self.roomkey, appliance_id=config.appliance.id,
                 dialogid=self.dialogid, ref=self.ref, channel=self.channel,
-                video=self.video is not None)
+                video=self.leg.video is not None)
         except OSError as exc:
             # The call goes on unrecorded; the operator sees why.
             log.error("channel %d: cannot record: %s", self.channel, exc)
             return
         recorder.start()
-        self.room.recorder = recorder
+        self.recorder = recorder
         log.info("channel %d: recording to %s", self.channel, recorder.record_file)
-        self.send(p.RecordStatus(dialogid=self.dialogid, ref=self.ref, channel=self.channel,
-                                 medium=self.offer.medium, status="start",
-                                 record_file=recorder.record_file))
-        spawn(self.worker.report_record_file(self.roomkey, recorder.record_file))
+        self.leg.send(p.RecordStatus(dialogid=self.dialogid, ref=self.ref, channel=self.channel,
+                                     medium=self.offer.medium, status="start",
+                                     record_file=recorder.record_file))
+        spawn(self._host.report_record_file(self.roomkey, recorder.record_file))
 
     async def _start_sip(self) -> None:
-        endpoint = self.worker.sip_endpoint
+        endpoint = self._host.sip_endpoint
         offer = self.offer
         if endpoint is None:
-            self._apply(Event.SIP_SETUP_FAILED, "no SIP endpoint on this worker")
+            self.leg.apply(Event.SIP_SETUP_FAILED, "no SIP endpoint on this worker")
             return
         if offer.callee is UNSET:
-            self._apply(Event.SIP_SETUP_FAILED, "the offer names no callee")
+            self.leg.apply(Event.SIP_SETUP_FAILED, "the offer names no callee")
             return
-        if self.audio is None:
-            self._apply(Event.SIP_SETUP_FAILED, "the offer has no audio")
+        audio = self.leg.audio
+        if audio is None:
+            self.leg.apply(Event.SIP_SETUP_FAILED, "the offer has no audio")
             return
         assert self.roomkey is not None
         caller = "anonymous" if offer.caller is UNSET else str(offer.caller)
-        self.sip = SipLeg(self, endpoint, self.worker.config)
+        self.sip = SipLeg(self, self.leg, endpoint, self._host.config)
         try:
-            await self.sip.start(self.audio, CallParties(caller, str(offer.callee), self.roomkey))
-            if self.sip.bridge is not None and self.room is not None:
-                self.sip.bridge.recorder = self.room.recorder
+            await self.sip.start(audio, CallParties(caller, str(offer.callee), self.roomkey))
+            self.sip.record_to(self.recorder)
+            if self.room is not None:
+                self.room.voice_connected(self.sip.bridge)
         except Exception as exc:
             log.exception("channel %d: cannot start the SIP leg", self.channel)
-            self._apply(Event.SIP_SETUP_FAILED, str(exc) or type(exc).__name__)
+            self.leg.apply(Event.SIP_SETUP_FAILED, str(exc) or type(exc).__name__)
             return
-        if self.machine.live:
-            self._apply(Event.INVITE_SENT)
+        if self.leg.live:
+            self.leg.apply(Event.INVITE_SENT)
             self._schedule_rtcp_sync()
         else:
             self.sip.close()
 
     def _schedule_rtcp_sync(self) -> None:
-        if self.sip is not None and self.machine.live:
+        if self.sip is not None and self.leg.live:
             # Re-armed first: one failed sync must not stop the call's sender reports.
             self._rtcp_sync = asyncio.get_running_loop().call_later(1.0, self._schedule_rtcp_sync)
             self.sip.sync_rtcp()
@@ -159,30 +207,30 @@ class UserCall(WebRtcLeg):
     # -- SipLegOwner ------------------------------------------------------------------------
 
     def sip_ringing(self) -> None:
-        self._apply(Event.SIP_RINGING)
+        self.leg.apply(Event.SIP_RINGING)
 
     def sip_answered(self) -> None:
-        self._apply(Event.SIP_ANSWERED)
-        if not self.machine.live:
+        self.leg.apply(Event.SIP_ANSWERED)
+        if not self.leg.live:
             return
-        self.send(self._audio_peerdata("Join"))
+        self.leg.send(self._audio_peerdata("Join"))
         if self.roomkey is not None:
-            spawn(self.worker.report_answered(self.roomkey))
+            spawn(self._host.report_answered(self.roomkey))
 
     def sip_failed(self, cause: int, causestring: str) -> None:
-        if self.machine.state is State.ANSWERED:  # the phone left an answered call
-            self.send(self._audio_peerdata("Leave"))
-        self._apply(Event.SIP_FAILED, release=Release(cause, causestring))
+        if self.leg.state is State.ANSWERED:  # the phone left an answered call
+            self.leg.send(self._audio_peerdata("Leave"))
+        self.leg.apply(Event.SIP_FAILED, release=Release(cause, causestring))
 
     def sip_hangup(self) -> None:
-        if self.machine.state is State.ANSWERED:
-            self.send(self._audio_peerdata("Leave"))
-        self._apply(Event.SIP_BYE)
+        if self.leg.state is State.ANSWERED:
+            self.leg.send(self._audio_peerdata("Leave"))
+        self.leg.apply(Event.SIP_BYE)
 
     def phone_dtmf(self, key: str) -> None:
-        if self.machine.live:
-            self.send(p.DTMF(dialogid=self.dialogid, ref=self.ref, channel=self.channel,
-                             value=key))
+        if self.leg.live:
+            self.leg.send(p.DTMF(dialogid=self.dialogid, ref=self.ref, channel=self.channel,
+                                 value=key))
 
     def _audio_peerdata(self, what: str) -> p.PeerData:
         # The desk phone has no channel of its own: it is this call's SIP side.
@@ -190,23 +238,9 @@ class UserCall(WebRtcLeg):
                           peerchannel=self.channel, type="indication", medium="audio",
                           peerdata=what, value="width=0000;height=0000")
 
-    # -- the browser's other actions -------------------------------------------------------
-
-    def _other_action(self, action: p.Action) -> None:
-        if isinstance(action, p.DTMF):
-            if self.sip is not None and self.machine.state in (State.RINGING, State.ANSWERED):
-                self.sip.send_dtmf(action.value)
-            else:
-                log.info("channel %d: DTMF %s ignored before the phone leg is up",
-                         self.channel, action.value)
-        elif isinstance(action, p.PeerData) and self.room is not None:
-            self.room.command(self, action)
-        else:
-            super()._other_action(action)
-
     # -- the end ---------------------------------------------------------------------------
 
-    def _on_released(self, release: Release) -> None:
+    def released(self, release: Release) -> None:
         if self._rtcp_sync is not None:
             self._rtcp_sync.cancel()
         if self.sip is not None:
@@ -214,28 +248,33 @@ class UserCall(WebRtcLeg):
         if self.room is not None:
             self.room.user_ended()
 
-    async def _teardown(self, release: Release) -> None:
+    async def teardown(self, release: Release) -> None:
         # The channel, and with it the call's setup slot, stays booked until a verify in
         # flight settles: that is what bounds the AP-S requests in flight ([admission]
         # max_setup_*), however fast a client opens offers and closes the tab.
         await self._verify_settled()
-        await super()._teardown(release)
+        await self.leg.close()
+        self._host.call_ended(self)
+        try:
+            await self._report_end(release)
+        finally:
+            self._closed.set()
 
-    async def _after_teardown(self, release: Release) -> None:
+    async def _report_end(self, release: Release) -> None:
         if self.roomkey is None:
             return
-        if self.room is not None and self.worker.rooms.get(self.roomkey) is self.room:
-            del self.worker.rooms[self.roomkey]
-        recorder = self.room.recorder if self.room is not None else None
+        if self.room is not None:
+            self._rooms.close(self.room)
+        recorder = self.recorder
         if recorder is not None:
             try:
                 await recorder.close()
-                self.worker.send(bus.RecordingEnded(str(recorder.job_path)))
+                self._host.send(bus.RecordingEnded(str(recorder.job_path)))
             except OSError:
                 # The captures and job stay on disk: the supervisor picks them up.
                 log.exception("channel %d: closing the recording failed", self.channel)
-        await self.worker.report_released(self.roomkey, release.cause, release.causestring,
-                                          recorded=recorder is not None)
+        await self._host.report_released(self.roomkey, release.cause, release.causestring,
+                                         recorded=recorder is not None)
 
     async def _verify_settled(self) -> None:
         """Wait for a verify still in flight: its roomkey, if AP-S issues one, must be ended.

@@ -2,6 +2,10 @@
 
 It talks to the supervisor only through the ZeroMQ bus (DEALER socket), and to AP-S over
 HTTP. Each channel is a call; calls never share state, so one call's failure stays its own.
+
+The worker is the root of its calls' tree: it holds each channel's call (`UserCall` or
+`AgentCall`, each containing its legs), the registry of its rooms and the video relay
+strategy, and hosts them all as their `CallHost` (workers/host.py).
 """
 
 from __future__ import annotations
@@ -25,17 +29,18 @@ from appliance.core.config import Config
 from appliance.core.periodic import FailureLog, Periodic
 from appliance.core.tasks import spawn
 from appliance.edges import bus
-from appliance.edges.aps_client import ApsClient, ApsUnavailable
+from appliance.edges.aps_client import ApsClient, ApsUnavailable, VerifyResult
 from appliance.edges.rtc_adapter import DECODERS, CandidatePolicy
 from appliance.media.datagrams import DROPS
 from appliance.sip.auth import Credentials
 from appliance.sip.endpoint import SipEndpoint
 from appliance.sip.orphan import DialogClosed
 from appliance.sip.snapshot import DialogSnapshot
+from workers import video_relay
 from workers.agent_call import AgentCall
 from workers.health import LoopLagProbe
-from workers.leg import WebRtcLeg
-from workers.room import Room
+from workers.host import Call, Relayed
+from workers.rooms import RoomRegistry
 from workers.user_call import UserCall
 
 log = logging.getLogger("appliance.worker")
@@ -67,8 +72,10 @@ class Worker:
         self.index = index
         self.config = config
         self.bus_endpoint = bus_endpoint
-        self.calls: dict[int, WebRtcLeg] = {}
-        self.rooms: dict[int, Room] = {}  # roomkey -> the room of a customer call here
+        self.calls: dict[int, Call] = {}
+        self.rooms = RoomRegistry()  # the rooms of the customer calls here
+        # How video crosses a room: the product's packet relay, or the bench's baseline.
+        self.video_relay = video_relay.load(config.media.relay)
         self.candidate_policy = CandidatePolicy.from_strings(
             config.media.addresses, config.media.port_min, config.media.port_max
         )
@@ -216,8 +223,8 @@ class Worker:
                 if call is not None and call.conn == msg.conn:
                     call.connection_closed()
         elif isinstance(msg, bus.DuplicateLogin):
-            room = self.rooms.get(msg.roomkey)
-            if room is None or room.closed:  # ended since the supervisor looked it up
+            room = self.rooms.find_open(msg.roomkey)
+            if room is None:  # ended since the supervisor looked it up
                 log.info("duplicate login for roomkey %d: the call has ended", msg.roomkey)
             else:
                 room.duplicate_login(msg.message)
@@ -244,7 +251,7 @@ class Worker:
             )
             return
         kind = AgentCall if offer.module == "Agent" else UserCall
-        call = kind(self, msg.conn, msg.channel, offer)
+        call = kind(self, self.rooms, self.video_relay, msg.conn, msg.channel, offer)
         self.calls[msg.channel] = call
         self.calls_placed += 1
         call.start()
@@ -254,10 +261,10 @@ class Worker:
     def _report_stats(self) -> None:
         received = self._packets_received_closed
         sent = self._packets_sent_closed
-        for leg in self.calls.values():
-            if leg.fast_path is not None:
-                received += leg.fast_path.received
-                sent += leg.fast_path.sent
+        for call in self.calls.values():
+            live = call.relayed()
+            received += live.received
+            sent += live.sent
         p50, p99 = self.lag.percentiles()
         self.send(bus.WorkerStats(
             index=self.index, pid=os.getpid(), calls=len(self.calls),
@@ -269,17 +276,31 @@ class Worker:
             **DROPS.stats(),
         ))
 
-    def leg_released(self, leg: WebRtcLeg, cause: int, normal: bool) -> None:
+    # -- CallHost: what the calls ask of their worker ---------------------------------------
+
+    def to_client(self, conn: int, action: p.Action) -> None:
+        self.send(bus.ToClient(conn, action))
+
+    def call_connected(self, channel: int, setup_ms: float) -> None:
+        self.metrics_setup_ms.append(setup_ms)
+        self.send(bus.CallConnected(channel))  # setup over: admission counts it
+
+    def leg_released(self, normal: bool, relayed: Relayed) -> None:
         if not normal:
             self.calls_failed += 1
-        if leg.fast_path is not None:
-            self._packets_received_closed += leg.fast_path.received
-            self._packets_sent_closed += leg.fast_path.sent
+        self._packets_received_closed += relayed.received
+        self._packets_sent_closed += relayed.sent
 
-    def call_ended(self, call: WebRtcLeg) -> None:
+    def call_ended(self, call: Call) -> None:
         if self.calls.get(call.channel) is call:
             del self.calls[call.channel]
             self.send(bus.ChannelFreed(call.channel))
+
+    async def verify(self, *, channel: int, dialogid: int, ref: int, caller: int | None,
+                     callee: int | None, userdata: str, suid: str | None,
+                     module: str) -> VerifyResult:
+        return await self.aps.verify(channel=channel, dialogid=dialogid, ref=ref, caller=caller,
+                                     callee=callee, userdata=userdata, suid=suid, module=module)
 
     async def report_record_file(self, roomkey: int, record_file: str) -> None:
         try:
