@@ -33,6 +33,7 @@ import msgspec
 from aiohttp import web
 
 from appliance.core import agent_token
+from appliance.core.throttle import LogBudget
 from appliance.core.token_file import TokenFileError, load_or_create_token
 from reference_aps.store import IdentityBlocked, Store, VerifyOutcome, VerifyRequest
 
@@ -132,8 +133,7 @@ class _Guard:
 
     token: str | None
     refused: int = 0
-    _unlogged: int = 0
-    _logged_at: float = field(default=float("-inf"))
+    _log: LogBudget = field(default_factory=lambda: LogBudget(1, REFUSAL_LOG_INTERVAL))
 
     def admits(self, request: web.Request) -> bool:
         if self.token is None:
@@ -146,15 +146,12 @@ class _Guard:
     def note_refusal(self, line: str) -> None:
         """Anyone can send these at line rate: log the first, then a count per window."""
         self.refused += 1
-        self._unlogged += 1
-        now = time.monotonic()
-        if now - self._logged_at < REFUSAL_LOG_INTERVAL:
+        allowed, unlogged = self._log.allow(time.monotonic())
+        if not allowed:
             return
-        more = f" ({self._unlogged - 1} more since the last such line)" if self._unlogged > 1 \
-            else ""
+        more = f" ({unlogged} more since the last such line)" if unlogged else ""
         log.warning("%s: refused, missing or wrong API token%s; %d refused in all", line,
                     more, self.refused)
-        self._logged_at, self._unlogged = now, 0
 
 
 OnVerified = Callable[[int, str], None]  # (roomkey, agent page URL) of a new call

@@ -9,7 +9,6 @@ channel, hold every AP-S verify slot, or guess roomkeys at line rate:
 - `RoomkeyGuard` throttles wrong roomkeys (and refused agent tokens) per connection and
   per address with a token bucket; a client that runs its bucket dry is refused every
   Agent offer for a cool-down, so the roomkey space cannot be searched.
-- `LogBudget` keeps what an attacker can trigger from flooding the log.
 
 The supervisor does the I/O: it asks before booking and tells `Admission` when a call's
 setup ends (`bus.CallConnected`) and when its channel is freed.
@@ -198,30 +197,6 @@ class RoomkeyGuard:
 
     def __len__(self) -> int:
         return len(self._suspects)
-
-
-class LogBudget:
-    """At most `lines` log lines per `interval` seconds for one kind of event; the rest
-    are counted and the count is reported with the next line allowed."""
-
-    def __init__(self, lines: int, interval: float) -> None:
-        self.lines = lines
-        self.interval = interval
-        self._window_start = float("-inf")
-        self._used = 0
-        self.suppressed = 0
-
-    def allow(self, now: float) -> tuple[bool, int]:
-        """(may log now, how many lines were suppressed since the last one logged)."""
-        if now - self._window_start >= self.interval:
-            self._window_start = now
-            self._used = 0
-        if self._used >= self.lines:
-            self.suppressed += 1
-            return False, 0
-        self._used += 1
-        suppressed, self.suppressed = self.suppressed, 0
-        return True, suppressed
 
 
 @dataclass

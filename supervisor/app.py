@@ -26,6 +26,7 @@ from appliance.core.config import Config
 from appliance.core.config_secrets import encode_line, split
 from appliance.core.periodic import FailureLog, Periodic, call_later_safe
 from appliance.core.tasks import spawn
+from appliance.core.throttle import BudgetedLogger
 from appliance.core.token_file import TokenFileError, read_token
 from appliance.edges import bus
 from appliance.edges.aps_client import ApsClient
@@ -35,7 +36,6 @@ from supervisor.admission import (
     Admission,
     AdmissionCounters,
     Limits,
-    LogBudget,
     RoomkeyGuard,
 )
 from supervisor.calls import CallKey, CallRecord, CallRegistry, ClientConn, FrameSink
@@ -111,8 +111,10 @@ class Supervisor:
                                           adm.wrong_roomkey_cooldown)
         self.counters = AdmissionCounters()
         # What a client can trigger at will is logged within a budget, the rest counted.
-        self._refusal_log = LogBudget(20, 10.0)
-        self._error_log = LogBudget(5, 10.0)
+        self._refusal_log = BudgetedLogger(log, 20, 10.0,
+                                           note=" [%d refusals since not logged]")
+        self._error_log = BudgetedLogger(log, 5, 10.0, note=" (%d more not logged)",
+                                         note_every_line=True)
 
     # -- start / stop --------------------------------------------------------------------
 
@@ -239,11 +241,9 @@ class Supervisor:
             await self._handle_action(conn, action)
         except Exception:
             self.counters.internal_errors += 1
-            allowed, suppressed = self._error_log.allow(time.monotonic())
-            if allowed:
-                log.exception("conn %d: internal error on a %s frame (%d more not logged)",
-                              conn.id, "malformed" if action is None else _action_name(action),
-                              suppressed)
+            self._error_log.log(logging.ERROR, "conn %d: internal error on a %s frame", conn.id,
+                                "malformed" if action is None else _action_name(action),
+                                exc_info=True)
             reply = (p.Release(cause=p.CAUSE_INVALID_MESSAGE, causestring="malformed frame")
                      if action is None else
                      self._release(action, 0, p.CAUSE_TEMPORARY_FAILURE, "internal error"))
@@ -390,15 +390,9 @@ class Supervisor:
         """Answer an offer with a release (channel 0), count it, and log it within budget:
         every refusal here is something a client can provoke as fast as it can send."""
         self.counters.refused[causestring] += 1
-        if not log.isEnabledFor(level):
-            allowed = False
-        else:
-            allowed, suppressed = self._refusal_log.allow(time.monotonic())
-        if allowed:
-            log.log(level, "conn %d from %s: %s offer %d/%d refused: %d %s%s%s", conn.id,
-                    conn.peer or "?", offer.module, offer.dialogid, offer.ref, cause,
-                    causestring, f" ({detail})" if detail else "",
-                    f" [{suppressed} refusals since not logged]" if suppressed else "")
+        self._refusal_log.log(level, "conn %d from %s: %s offer %d/%d refused: %d %s%s", conn.id,
+                              conn.peer or "?", offer.module, offer.dialogid, offer.ref, cause,
+                              causestring, f" ({detail})" if detail else "")
         await self._reply(conn, self._release(offer, 0, cause, causestring))
 
     @staticmethod
@@ -431,10 +425,8 @@ class Supervisor:
         try:
             return bus.encode(msg)
         except Exception as exc:  # OverflowError & co.: a browser's value the bus cannot carry
-            allowed, suppressed = self._error_log.allow(time.monotonic())
-            if allowed:
-                log.warning("%s not encodable for the bus: %s (%d more not logged)",
-                            type(msg).__name__, exc, suppressed)
+            self._error_log.log(logging.WARNING, "%s not encodable for the bus: %s",
+                                type(msg).__name__, exc)
             return None
 
     def _send_bytes(self, index: int, what: str, data: bytes) -> bool:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from pathlib import Path
 from typing import Any, cast
 
@@ -29,7 +28,8 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from appliance.core import protocol as p
 from appliance.core.config import SignallingConfig
-from supervisor.admission import LogBudget, address_key
+from appliance.core.throttle import BudgetedLogger
+from supervisor.admission import address_key
 from supervisor.app import Supervisor
 from supervisor.calls import ClientConn
 from supervisor.conn_guard import ConnectionGuard
@@ -43,25 +43,9 @@ INTERNAL_ERROR = "internal error: frame not processed"
 SLOW_READER_S = 10.0  # a client may take this long to read its queued answers
 
 
-class _LogLimiter:
-    """One LogBudget per kind of line an attacker can trigger at will."""
-
-    def __init__(self, lines: int = 10, interval: float = 10.0) -> None:
-        self._lines, self._interval = lines, interval
-        self._budgets: dict[str, LogBudget] = {}
-
-    def __call__(self, kind: str, level: int, fmt: str, *args: Any, exc: bool = False) -> None:
-        budget = self._budgets.setdefault(kind, LogBudget(self._lines, self._interval))
-        allowed, suppressed = budget.allow(time.monotonic())
-        if not allowed:
-            return
-        if suppressed:
-            fmt += " (%d similar line(s) suppressed)"
-            args = (*args, suppressed)
-        log.log(level, fmt, *args, exc_info=exc)
-
-
-_log_limited = _LogLimiter(lines=30)  # per kind, per 10 s: a busy port keeps its lines
+# Every line here is one an attacker can trigger at will. 30 per kind per 10 s: a busy
+# port keeps its lines, a flood of one kind does not silence the others.
+_log_limited = BudgetedLogger(log, lines=30, interval=10.0)
 
 
 class _WsSink:
@@ -80,9 +64,9 @@ class _WsSink:
         try:
             self._queue.put_nowait(data)
         except asyncio.QueueFull:
-            _log_limited("slow", logging.WARNING,
-                         "%s: client does not read its frames (%d queued): closing",
-                         self.label, self._queue.qsize())
+            _log_limited.log(logging.WARNING,
+                             "%s: client does not read its frames (%d queued): closing",
+                             self.label, self._queue.qsize(), kind="slow")
             self._writer.cancel()
             await _close(self.ws, WSCloseCode.POLICY_VIOLATION, "too slow reading frames")
 
@@ -143,21 +127,22 @@ class _Connection:
         sink = _WsSink(self.ws, self.sig.send_queue, "conn ?")
         conn = self.supervisor.open_conn(sink, peer=self.peer)
         sink.label = f"conn {conn.id}"
-        _log_limited("open", logging.INFO, "conn %d: WebSocket from %s", conn.id, self.peer)
+        _log_limited.log(logging.INFO, "conn %d: WebSocket from %s", conn.id, self.peer,
+                         kind="open")
         reason = "closed by the client"
         try:
             reason = await self._serve(conn, sink)
         except Exception:  # a bug must cost this connection at most, never the process
             reason = "internal error"
-            _log_limited("crash", logging.ERROR, "conn %d: connection handler failed", conn.id,
-                         exc=True)
+            _log_limited.log(logging.ERROR, "conn %d: connection handler failed", conn.id,
+                             kind="crash", exc_info=True)
         finally:
             sink.close()
             self.supervisor.close_conn(conn)
             if not self.ws.closed:  # stops the heartbeat and frees the TLS objects now
                 await _close(self.ws, WSCloseCode.GOING_AWAY, reason)
-            _log_limited("close", logging.INFO, "conn %d: WebSocket closed (%s)", conn.id,
-                         reason)
+            _log_limited.log(logging.INFO, "conn %d: WebSocket closed (%s)", conn.id, reason,
+                             kind="close")
 
     async def _serve(self, conn: ClientConn, sink: _WsSink) -> str:
         loop = asyncio.get_running_loop()
@@ -171,8 +156,8 @@ class _Connection:
                 if conn.calls:  # a call lives: the client may stay silent as long as it likes
                     last_activity = loop.time()
                     continue
-                _log_limited("idle", logging.INFO, "conn %d: idle for %.0f s with no call: "
-                             "closing", conn.id, idle)
+                _log_limited.log(logging.INFO, "conn %d: idle for %.0f s with no call: "
+                                 "closing", conn.id, idle, kind="idle")
                 await _close(self.ws, WSCloseCode.POLICY_VIOLATION,
                              f"idle timeout: no frame and no call for {idle:.0f} s")
                 return "idle timeout"
@@ -180,15 +165,15 @@ class _Connection:
                 last_activity = loop.time()
                 await self._frame(conn, msg.data)
                 if not await sink.backlog_drained():
-                    _log_limited("slow", logging.WARNING, "conn %d: client does not read its "
-                                 "answers: closing", conn.id)
+                    _log_limited.log(logging.WARNING, "conn %d: client does not read its "
+                                     "answers: closing", conn.id, kind="slow")
                     await _close(self.ws, WSCloseCode.POLICY_VIOLATION,
                                  "too slow reading frames")
                     return "too slow reading frames"
             elif msg.type == WSMsgType.ERROR:
                 # aiohttp has closed it already (1009 too big, 1007 invalid UTF-8 text...).
-                _log_limited("ws-error", logging.INFO, "conn %d: WebSocket error from %s: %s",
-                             conn.id, self.peer, self.ws.exception())
+                _log_limited.log(logging.INFO, "conn %d: WebSocket error from %s: %s",
+                                 conn.id, self.peer, self.ws.exception(), kind="ws-error")
                 return f"WebSocket error: {self.ws.exception()}"
             elif msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
                 return "closed by the client"
@@ -198,8 +183,8 @@ class _Connection:
             await self.supervisor.handle_frame(conn, data)
         except Exception:
             # handle_frame answers every frame itself; this is a bug, still only one frame.
-            _log_limited("frame", logging.ERROR, "conn %d: frame not processed", conn.id,
-                         exc=True)
+            _log_limited.log(logging.ERROR, "conn %d: frame not processed", conn.id,
+                             kind="frame", exc_info=True)
             dialogid, ref = _ids_of(data)
             release = p.Release(dialogid=dialogid, ref=ref, channel=0,
                                 cause=p.CAUSE_TEMPORARY_FAILURE, causestring=INTERNAL_ERROR)
@@ -251,9 +236,10 @@ class _Gate(asyncio.Protocol):
         address = address_key(str(peer[0])) if peer else "?"
         refusal = self._guard.admit(address)
         if refusal is not None:
-            _log_limited("cap", logging.WARNING, "refused a connection from %s: %s "
-                         "(%d open from there, %d in all)", address, refusal,
-                         self._guard.open_from(address), self._guard.open_total)
+            _log_limited.log(logging.WARNING, "refused a connection from %s: %s "
+                             "(%d open from there, %d in all)", address, refusal,
+                             self._guard.open_from(address), self._guard.open_total,
+                             kind="cap")
             body = f"{refusal}\n".encode()
             writer = cast(asyncio.WriteTransport, transport)  # uvloop's is not a subclass
             writer.write(b"HTTP/1.1 503 Service Unavailable\r\n"

@@ -4,7 +4,8 @@ A periodic job written as "do the work, then `call_later` myself again" stops fo
 first time the work raises: that is how `/status` froze when psutil hit EMFILE. `Periodic`
 re-arms *before* it runs the job, catches any Exception, and logs failures the way an
 operator can read them: the first with its traceback, then at most one line per
-`log_interval` saying how many failed since. `call_later_safe` is the one-shot variant.
+`log_interval` (a `LogBudget` of one line) saying how many failed since. `call_later_safe`
+is the one-shot variant.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import asyncio
 import logging
 from collections.abc import Callable
 from typing import Any
+
+from appliance.core.throttle import LogBudget
 
 log = logging.getLogger("appliance.periodic")
 
@@ -23,24 +26,25 @@ class FailureLog:
     def __init__(self, name: str, log_interval: float = 60.0,
                  logger: logging.Logger = log) -> None:
         self.name = name
-        self.log_interval = log_interval
         self.logger = logger
         self.failures = 0  # since start, for anyone who wants to show it
-        self._unlogged = 0
-        self._logged_at: float | None = None
+        self._budget = LogBudget(1, log_interval)
+
+    @property
+    def log_interval(self) -> float:
+        return self._budget.interval
 
     def failed(self, exc: BaseException, now: float) -> None:
         self.failures += 1
-        if self._logged_at is not None and now - self._logged_at < self.log_interval:
-            self._unlogged += 1
+        allowed, unlogged = self._budget.allow(now)
+        if not allowed:
             return
-        more = f" ({self._unlogged} more failure(s) since the last line)" if self._unlogged else ""
-        # The traceback only once: the same error every second would flood the log.
+        more = f" ({unlogged} more failure(s) since the last line)" if unlogged else ""
+        # The traceback only once (the first failure always has its line): the same error
+        # every second would flood the log.
         self.logger.error("%s failed: %s: %s%s; it keeps running", self.name,
                           type(exc).__name__, exc, more,
-                          exc_info=exc if self._logged_at is None else None)
-        self._logged_at = now
-        self._unlogged = 0
+                          exc_info=exc if self.failures == 1 else None)
 
 
 class Periodic:

@@ -1,18 +1,30 @@
-"""Bounds on what a stranger can make the SIP port do repeatedly, sans-IO (`now` passed in).
+"""Bounds on what a stranger (or a failing job) can make us do repeatedly.
 
 `TokenBucket` caps how many answers we send to datagrams anyone can forge (403 to a
 stranger, 400 to garbage): without it, every spoofed datagram would draw a reply, and the
 appliance would reflect traffic at whatever source address the attacker wrote in.
 
+`LogBudget` owns the question "may this line be logged now, and how many were suppressed
+since the last one": at most N lines per window, the rest counted. `BudgetedLogger` is the
+logger for lines a client can trigger at will (a refused offer, a frame that hit a bug, a
+connection over a cap): one budget per kind of line, the count of the suppressed ones
+appended to the next line logged.
+
 `Tally` counts an event an attacker can trigger at line rate (an unparsable datagram, a
 request from a source we do not talk to) and logs it the way an operator can read it: the
 first one at once, then at most one summary line per interval (how many, from how many
 sources, the busiest one, the last reason), instead of one line per datagram.
+
+Sans-IO where it can be: `now` is passed in, except to `BudgetedLogger`, which reads its
+clock (injectable) because its callers log, they do not keep time.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
+from typing import Any
 
 Addr = tuple[str, int]  # (host, port) of a datagram's source
 
@@ -38,6 +50,72 @@ class TokenBucket:
         if self._tokens < 1:
             return False
         self._tokens -= 1
+        return True
+
+
+class LogBudget:
+    """At most `lines` log lines per `interval` seconds for one kind of event; the rest
+    are counted and the count is reported with the next line allowed."""
+
+    def __init__(self, lines: int, interval: float) -> None:
+        self.lines = lines
+        self.interval = interval
+        self._window_start = float("-inf")
+        self._used = 0
+        self.suppressed = 0
+
+    def allow(self, now: float) -> tuple[bool, int]:
+        """(may log now, how many lines were suppressed since the last one logged)."""
+        if now - self._window_start >= self.interval:
+            self._window_start = now
+            self._used = 0
+        if self._used >= self.lines:
+            self.suppressed += 1
+            return False, 0
+        self._used += 1
+        suppressed, self.suppressed = self.suppressed, 0
+        return True, suppressed
+
+
+SIMILAR_SUPPRESSED = " (%d similar line(s) suppressed)"
+
+
+class BudgetedLogger:
+    """Log lines within a `LogBudget` of `lines` per `interval` seconds for each `kind`
+    (so that a flood of one kind cannot silence another). `note`, a format with one %d,
+    is appended to the next line logged with the count of those suppressed: only when
+    some were, or on every line (`note_every_line`, for texts that always said it).
+    A line whose level the logger would drop anyway uses no budget and is not counted."""
+
+    def __init__(
+        self, logger: logging.Logger, lines: int, interval: float = 10.0, *,
+        note: str = SIMILAR_SUPPRESSED, note_every_line: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.logger = logger
+        self.lines = lines
+        self.interval = interval
+        self.note = note
+        self.note_every_line = note_every_line
+        self._clock = clock
+        self._budgets: dict[str, LogBudget] = {}  # kinds are the code's constants: bounded
+
+    def log(self, level: int, fmt: str, *args: Any, kind: str = "",
+            exc_info: bool = False) -> bool:
+        """Log `fmt % args` at `level` if the budget of `kind` allows; whether it did."""
+        if not self.logger.isEnabledFor(level):
+            return False
+        budget = self._budgets.get(kind)
+        if budget is None:
+            budget = self._budgets[kind] = LogBudget(self.lines, self.interval)
+        allowed, suppressed = budget.allow(self._clock())
+        if not allowed:
+            return False
+        if suppressed or self.note_every_line:
+            fmt += self.note
+            args = (*args, suppressed)
+        # stacklevel: the record names the line that asked, not this helper.
+        self.logger.log(level, fmt, *args, exc_info=exc_info, stacklevel=2)
         return True
 
 

@@ -3,6 +3,7 @@ log budget (the clock is a number passed in)."""
 
 from __future__ import annotations
 
+from appliance.core.throttle import LogBudget
 from supervisor.admission import (
     CALLS_PER_ADDRESS,
     CALLS_PER_CONNECTION,
@@ -11,7 +12,6 @@ from supervisor.admission import (
     SETUP_TOTAL,
     Admission,
     Limits,
-    LogBudget,
     RoomkeyGuard,
     address_key,
 )

@@ -85,6 +85,20 @@ def test_failure_log_says_how_many_it_did_not_log(caplog: pytest.LogCaptureFixtu
     assert [r.exc_info is not None for r in caplog.records] == [True, False, False]
 
 
+def test_failure_log_text_is_what_operators_grep(caplog: pytest.LogCaptureFixture) -> None:
+    failures = FailureLog("bus send", log_interval=10.0)
+    with caplog.at_level(logging.ERROR, logger="appliance.periodic"):
+        for now in (0.0, 9.9, 10.0, 19.9, 19.95, 30.0):
+            failures.failed(emfile(), now)
+    assert [r.getMessage() for r in caplog.records] == [
+        "bus send failed: OSError: [Errno 24] Too many open files; it keeps running",
+        "bus send failed: OSError: [Errno 24] Too many open files"
+        " (1 more failure(s) since the last line); it keeps running",
+        "bus send failed: OSError: [Errno 24] Too many open files"
+        " (2 more failure(s) since the last line); it keeps running",
+    ]
+
+
 async def test_a_one_shot_timer_logs_its_error(caplog: pytest.LogCaptureFixture) -> None:
     def pickup() -> None:
         raise emfile()
