@@ -39,6 +39,7 @@ from zmq.utils import z85
 from zmq.utils.monitor import parse_monitor_message
 
 from appliance.core.config import Config, PeerConfig
+from appliance.core.throttle import LogBudget
 from supervisor.peer_keys import Keypair, PeerKeyError, load_or_create
 
 log = logging.getLogger("appliance.peers")
@@ -98,6 +99,10 @@ class PeerAuthenticator(AsyncioAuthenticator):
     """ZAP for the notice socket: only [peers] keys pass; each refusal is logged."""
 
     REFUSAL_LOG_INTERVAL = 60.0  # a refused client reconnects every ~100 ms: log it once
+    # Keys come from whoever connects: remember at most this many, and log at most
+    # REFUSAL_LINES refusals per interval for all keys together.
+    MAX_KEYS_REMEMBERED = 1024
+    REFUSAL_LINES = 10
 
     def __init__(self, ctx: zmq.asyncio.Context, peers: dict[str, PeerConfig],
                  cert_dir: Path, stats: NoticeStats) -> None:
@@ -105,7 +110,8 @@ class PeerAuthenticator(AsyncioAuthenticator):
         self.names = {peer.public_key.encode(): name for name, peer in peers.items()}
         self.cert_dir = cert_dir
         self.stats = stats
-        self._refusal_logged: dict[bytes, float] = {}
+        self._refusal_logged: dict[bytes, float] = {}  # key -> when, oldest first
+        self._refusal_budget = LogBudget(self.REFUSAL_LINES, self.REFUSAL_LOG_INTERVAL)
 
     def start(self) -> None:
         _write_public_certs(self.cert_dir, self.names)
@@ -127,11 +133,22 @@ class PeerAuthenticator(AsyncioAuthenticator):
     def _note_refusal(self, key: bytes, address: str) -> None:
         self.stats.keys_refused += 1
         now = time.monotonic()
-        if now - self._refusal_logged.get(key, -self.REFUSAL_LOG_INTERVAL) >= \
-                self.REFUSAL_LOG_INTERVAL:
-            self._refusal_logged[key] = now
-            log.warning("refused a peer notice connection from %s: its CURVE key %s is not in "
-                        "[peers] (nothing delivered)", address or "?", key.decode())
+        last = self._refusal_logged.get(key)
+        if last is not None and now - last < self.REFUSAL_LOG_INTERVAL:
+            return
+        allowed, suppressed = self._refusal_budget.allow(now)
+        if not allowed:
+            return
+        self._remember_refusal(key, now)
+        more = f" ({suppressed} other refusal(s) not logged)" if suppressed else ""
+        log.warning("refused a peer notice connection from %s: its CURVE key %s is not in "
+                    "[peers] (nothing delivered)%s", address or "?", key.decode(), more)
+
+    def _remember_refusal(self, key: bytes, now: float) -> None:
+        self._refusal_logged.pop(key, None)  # re-inserted last: the dict stays by time
+        while len(self._refusal_logged) >= self.MAX_KEYS_REMEMBERED:
+            del self._refusal_logged[next(iter(self._refusal_logged))]
+        self._refusal_logged[key] = now
 
 
 def _write_public_certs(cert_dir: Path, names: dict[bytes, str]) -> None:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import io
+import logging
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
 import zmq
+import zmq.asyncio
+from zmq.utils import z85
 
 from appliance.core import config
 from supervisor.peer_keys import load_or_create, main_peer_key
@@ -16,6 +19,8 @@ from supervisor.peers import (
     REFUSED,
     UNKNOWN_ROOMKEY,
     DuplicateLoginNotice,
+    NoticeStats,
+    PeerAuthenticator,
     Peers,
     send_notice,
 )
@@ -96,3 +101,24 @@ async def test_notices_are_acknowledged_and_a_borrowed_name_is_refused(
     finally:
         ms1.close()
         ms2.close()
+
+
+def test_refusals_of_strangers_keys_are_bounded_in_memory_and_in_the_log(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Keys come from whoever connects: a flood of new keys grows no table without bound
+    and writes at most REFUSAL_LINES lines per interval; one key is logged once."""
+    ctx = zmq.asyncio.Context()
+    try:
+        zap = PeerAuthenticator(ctx, {}, tmp_path / "certs", NoticeStats())
+        caplog.set_level(logging.WARNING, logger="appliance.peers")
+        for n in range(5000):
+            zap._note_refusal(z85.encode(n.to_bytes(32, "big")), "127.0.0.9")
+        for _ in range(3):
+            zap._note_refusal(z85.encode((7).to_bytes(32, "big")), "127.0.0.9")
+        lines = [r for r in caplog.records if "refused a peer notice" in r.getMessage()]
+        assert len(lines) == PeerAuthenticator.REFUSAL_LINES
+        assert len(zap._refusal_logged) <= PeerAuthenticator.MAX_KEYS_REMEMBERED
+        assert zap.stats.keys_refused == 5003
+    finally:
+        ctx.term()
