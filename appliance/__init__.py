@@ -1,2 +1,3 @@
-"""The appliance's libraries, by layer (README "Packages"): core, then sip and media, then
-recording and the edges. Programs (supervisor, workers, ...) import these; never the reverse."""
+"""The appliance's libraries, by layer (README "Packages"): core, then sip, media and ice,
+then recording and the edges. Programs (supervisor, workers, ...) import these; never the
+reverse."""
