@@ -17,7 +17,8 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 # Debian packages the tests drive as real peers: sipp (sip-tester), Chromium and Firefox ESR,
-# ffmpeg, ip, nft.
+# ffmpeg, ip, nft, coturn (the TURN server of tests/e2e/test_turn.py, which starts its own;
+# the service Debian enables on install, with its open default config, is stopped).
 system-deps:
 	@missing=""; \
 	command -v sipp >/dev/null || missing="$$missing sip-tester"; \
@@ -26,11 +27,14 @@ system-deps:
 	command -v nft >/dev/null || missing="$$missing nftables"; \
 	command -v ffprobe >/dev/null || missing="$$missing ffmpeg"; \
 	command -v ip >/dev/null || missing="$$missing iproute2"; \
+	command -v turnserver >/dev/null || missing="$$missing coturn"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:$$missing"; \
 		SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
 		$$SUDO apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing && \
+		case "$$missing" in *coturn*) \
+			$$SUDO systemctl disable --now coturn >/dev/null 2>&1 || true;; esac; \
 	fi
 
 run: venv

@@ -4,6 +4,10 @@ One WebSocket carries every call of this client; a single reader task decodes ea
 and hands it to the connection's CallRouter, which routes it by (dialogid, ref) to the Call
 registered there. Frames that belong to no call, such as the `release` the MS sends for a
 frame it could not parse, land in `client.unrouted`.
+
+Each call's ICE servers are the ones given to `connect`, or with `ice_servers="appliance"`
+the ones the appliance hands its pages, asked for per call (GET /ice-servers on the same
+host and port: fresh TURN credentials each time).
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ import secrets
 import ssl
 from collections.abc import Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import aiortc
@@ -27,6 +32,7 @@ from aiortc.mediastreams import MediaStreamTrack
 from msgspec import UNSET
 
 from appliance.core import protocol
+from appliance.core.turn_credentials import MAX_ANSWER_BYTES, IceServerError, parse_answer
 from appliance.edges.rtc_adapter import CandidatePolicy, apply_candidate_policy, make_configuration
 
 from .call import Call
@@ -39,6 +45,15 @@ log = logging.getLogger("appliance.client")
 UA_FAMILY = "python-sdk"
 _CONNECT_TIMEOUT = 10.0
 _CLOSE_TIMEOUT = 5.0
+_ICE_SERVERS_TIMEOUT = 5.0
+APPLIANCE = "appliance"  # ice_servers=APPLIANCE: the appliance's list, asked for per call
+
+
+def ice_servers_url(url: str) -> str:
+    """wss://host:port/... -> https://host:port/ice-servers, where the pages ask too."""
+    parts = urlsplit(url)
+    scheme = "http" if parts.scheme == "ws" else "https"
+    return urlunsplit((scheme, parts.netloc, "/ice-servers", "", ""))
 
 
 def _ua_version() -> str:
@@ -96,7 +111,9 @@ class MediaServerClient:
         ws: aiohttp.ClientWebSocketResponse,
         *,
         host_addresses: Sequence[str],
-        ice_servers: Sequence[dict[str, Any]],
+        ice_servers: Sequence[dict[str, Any]] | Literal["appliance"],
+        ice_servers_url: str | None = None,
+        ssl_setting: ssl.SSLContext | bool = True,
     ) -> None:
         self.unrouted: asyncio.Queue[Event] = asyncio.Queue()
         self._router: CallRouter[Call] = CallRouter()
@@ -105,7 +122,16 @@ class MediaServerClient:
         self._session = session
         self._ws = ws
         self._policy = CandidatePolicy.from_strings(list(host_addresses))
-        self._ice_servers = list(ice_servers)
+        self._ice_servers: list[dict[str, Any]] | None
+        if isinstance(ice_servers, str):
+            if ice_servers != APPLIANCE or ice_servers_url is None:
+                raise ValueError('ice_servers is a list of servers, or "appliance" with '
+                                 "ice_servers_url")
+            self._ice_servers = None  # asked of the appliance for each call
+        else:
+            self._ice_servers = list(ice_servers)
+        self._ice_servers_url = ice_servers_url
+        self._ssl = ssl_setting
         self._send_lock = asyncio.Lock()
         self._reader = asyncio.ensure_future(self._read())
 
@@ -117,14 +143,15 @@ class MediaServerClient:
         ssl_verify: bool = False,
         cafile: str | None = None,
         host_addresses: Sequence[str] = ("127.0.0.1",),
-        ice_servers: Sequence[dict[str, Any]] = (),
+        ice_servers: Sequence[dict[str, Any]] | Literal["appliance"] = (),
     ) -> MediaServerClient:
         """Open the WebSocket to `url` (ws:// or wss://).
 
         TLS verification is off by default because the appliance ships a self-signed
         certificate; pass ssl_verify=True (and cafile for a private CA) in production.
         host_addresses are the only addresses ICE announces; ice_servers are
-        {"urls", "username", "credential"} dicts (none: no STUN/TURN traffic at all).
+        {"urls", "username", "credential"} dicts (none: no STUN/TURN traffic at all), or
+        "appliance": what the appliance gives its pages (`fetch_ice_servers`), per call.
         """
         if not url.startswith(("ws://", "wss://")):
             raise ValueError(f"media server URL must be ws:// or wss://, not {url!r}")
@@ -136,7 +163,8 @@ class MediaServerClient:
         except BaseException:
             await session.close()
             raise
-        return cls(session, ws, host_addresses=host_addresses, ice_servers=ice_servers)
+        return cls(session, ws, host_addresses=host_addresses, ice_servers=ice_servers,
+                   ice_servers_url=ice_servers_url(url), ssl_setting=ssl_setting)
 
     async def __aenter__(self) -> MediaServerClient:
         return self
@@ -178,6 +206,39 @@ class MediaServerClient:
         payload = data.encode() if isinstance(data, str) else bytes(data)
         async with self._send_lock:
             await self._ws.send_frame(payload, aiohttp.WSMsgType.TEXT)
+
+    # -- ICE servers -----------------------------------------------------------------------
+
+    async def fetch_ice_servers(self) -> list[dict[str, Any]]:
+        """The ICE servers the appliance gives its pages now, TURN credentials made for
+        this request (GET /ice-servers). IceServerError if it gives none that are usable."""
+        if self._ice_servers_url is None:
+            raise IceServerError("no appliance URL to ask for ICE servers")
+        try:
+            async with asyncio.timeout(_ICE_SERVERS_TIMEOUT):
+                async with self._session.get(self._ice_servers_url, ssl=self._ssl) as response:
+                    if response.status != 200:
+                        raise IceServerError(f"GET {self._ice_servers_url}: HTTP "
+                                             f"{response.status}")
+                    body = bytearray()
+                    async for chunk in response.content.iter_chunked(4096):
+                        body += chunk
+                        if len(body) > MAX_ANSWER_BYTES:
+                            break  # parse_answer refuses it; no need to read the rest
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise IceServerError(f"GET {self._ice_servers_url}: {exc!r}") from None
+        return parse_answer(bytes(body))
+
+    async def _ice_servers_for_call(self) -> list[dict[str, Any]]:
+        if self._ice_servers is not None:
+            return self._ice_servers
+        try:
+            return await self.fetch_ice_servers()
+        except IceServerError as exc:
+            # As the pages do: a call without them still connects wherever UDP gets through.
+            log.warning("no ICE servers from the appliance (%s): calling without STUN/TURN",
+                        exc)
+            return []
 
     # -- calls -----------------------------------------------------------------------------
 
@@ -251,7 +312,7 @@ class MediaServerClient:
         if self.closed:
             raise ConnectionError("connection to the MS is closed")
         dialogid, ref = self._new_ids(dialogid, ref)
-        pc = RTCPeerConnection(make_configuration(self._ice_servers))
+        pc = RTCPeerConnection(make_configuration(await self._ice_servers_for_call()))
         owned: list[MediaStreamTrack] = []
         if audio_track is None:
             audio_track = ToneAudioTrack()

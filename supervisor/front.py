@@ -14,6 +14,9 @@ Everything here comes from the Internet, so every connection is bounded (config
   does not read must not stall the supervisor's bus loop;
 - whatever a frame makes the supervisor raise is answered with a release, logged (rate-
   limited) and the connection goes on; whatever ends a connection frees it at once.
+
+Besides the WebSocket and the pages, GET /ice-servers gives a page (or the SDK) the ICE
+servers for its next call, TURN credentials included (`_IceServersEndpoint`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -28,7 +35,8 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from appliance.core import protocol as p
 from appliance.core.config import SignallingConfig
-from appliance.core.throttle import BudgetedLogger
+from appliance.core.throttle import BudgetedLogger, TokenBucket
+from appliance.core.turn_credentials import PageIceServers, encode_answer, make_user_id
 from supervisor.admission import address_key
 from supervisor.app import Supervisor
 from supervisor.calls import ClientConn
@@ -46,6 +54,9 @@ SLOW_READER_S = 10.0  # a client may take this long to read its queued answers
 # Every line here is one an attacker can trigger at will. 30 per kind per 10 s: a busy
 # port keeps its lines, a flood of one kind does not silence the others.
 _log_limited = BudgetedLogger(log, lines=30, interval=10.0)
+# A TURN secret file that cannot be read is the operator's to fix, not an attack: said once
+# a minute, however many pages ask meanwhile.
+_log_config = BudgetedLogger(log, lines=1, interval=60.0)
 
 
 class _WsSink:
@@ -191,9 +202,74 @@ class _Connection:
             await conn.sink.send_frame(p.encode(release))
 
 
+ICE_SERVERS_PATH = "/ice-servers"
+# A page asks once per call. Beyond these rates a client gets 429: one looping on the
+# endpoint costs an HMAC and a few hundred bytes per request, and no more of them than this.
+ICE_RATE_PER_ADDRESS = 2.0  # answers per second per address (an IPv6 /64)...
+ICE_BURST_PER_ADDRESS = 30  # ...after a burst of this many (a call centre's agents behind NAT)
+ICE_RATE_TOTAL = 200.0  # and for the whole port
+ICE_BURST_TOTAL = 400
+ICE_ADDRESSES_TRACKED = 4096  # the oldest is forgotten first: bounded memory under a spray
+
+
+class _IceServersEndpoint:
+    """GET /ice-servers: {"iceServers": [...]} for one call (appliance/core/turn_credentials.py).
+
+    An endpoint of its own rather than a field of a message: a page needs its ICE servers
+    when it creates the RTCPeerConnection, before its offer, and no message of the protocol
+    comes before the offer (a new action would change the wire protocol every client speaks).
+    Asked per call, not per page load, because each answer's TURN credential is made for one
+    client and expires. Same origin only (no CORS header: another site's page cannot read
+    it), never cached (`no-store`), rate-limited per address and in all. With no
+    `[media] ice_servers` the answer is {"iceServers": []}: what the pages always used."""
+
+    def __init__(self, servers: PageIceServers, label: str, *,
+                 clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        self._servers = servers
+        self._label = label
+        self._clock = clock
+        self._monotonic = monotonic
+        self._total = TokenBucket(ICE_RATE_TOTAL, ICE_BURST_TOTAL)
+        self._per_address: OrderedDict[str, TokenBucket] = OrderedDict()
+
+    def admit(self, address: str, now: float) -> bool:
+        bucket = self._per_address.pop(address, None)
+        if bucket is None:
+            bucket = TokenBucket(ICE_RATE_PER_ADDRESS, ICE_BURST_PER_ADDRESS)
+            while len(self._per_address) >= ICE_ADDRESSES_TRACKED:
+                self._per_address.popitem(last=False)
+        self._per_address[address] = bucket  # most recently seen last
+        return bucket.take(now) and self._total.take(now)
+
+    def answer(self) -> bytes:
+        """The body for one client; an entry whose secret cannot be read is left out, and
+        said in the log (budgeted) without the secret."""
+        user_id = make_user_id(self._label, secrets.token_hex(6))
+        servers, problems = self._servers.for_client(self._clock(), user_id, self._monotonic())
+        for problem in problems:
+            _log_config.log(logging.ERROR, "ICE servers: %s; the pages get that server no "
+                            "more until it is fixed", problem, kind="ice-secret")
+        return encode_answer(servers)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        headers = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
+        address = address_key(request.remote or "")
+        if not self.admit(address, self._monotonic()):
+            _log_limited.log(logging.WARNING, "ICE servers: too many requests from %s: 429",
+                             address, kind="ice-rate")
+            headers["Retry-After"] = "1"
+            return web.Response(status=429, text="too many requests\n", headers=headers)
+        return web.Response(body=self.answer(), content_type="application/json",
+                            headers=headers)
+
+
 def build_app(supervisor: Supervisor) -> web.Application:
     app = web.Application()
     sig = supervisor.config.signalling
+    ice = _IceServersEndpoint(PageIceServers.from_config(supervisor.config.ice_servers()),
+                              supervisor.config.appliance.id)
+    ice.answer()  # a secret file that cannot be read is in the log from the start
 
     async def root(request: web.Request) -> web.StreamResponse:
         ws = web.WebSocketResponse(heartbeat=HEARTBEAT_S, max_msg_size=p.MAX_FRAME_BYTES,
@@ -208,6 +284,7 @@ def build_app(supervisor: Supervisor) -> web.Application:
         return ws
 
     app.router.add_get("/", root)
+    app.router.add_get(ICE_SERVERS_PATH, ice.handle)  # before the static files' catch-all
     if STATIC_DIR.is_dir():
         app.router.add_static("/", STATIC_DIR, show_index=False)
     return app

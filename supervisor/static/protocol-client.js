@@ -2,6 +2,8 @@
 // one action per message. No dependencies and no build step: pages load it as an ES module.
 //
 //   const client = new ApplianceClient();            // wss://<this host>/, window.appliance
+//   (each call's ICE servers come from https://<that host>/ice-servers; pass {iceServers}
+//   to set them yourself)
 //   client.addEventListener("state", e => ...);      // e.detail = {state, text}
 //   await client.makeVideoCall({caller, callee, userdata});   // the customer (module User)
 //   await client.joinRoom(roomkey, {token});         // the agent's video (module Agent)
@@ -23,6 +25,18 @@ const DTMF_KEYS = "0123456789*#";
 // How long to wait for our ICE candidates before sending the offer: the offer then carries
 // them, and the rare late one follows as an `ice` action.
 const GATHER_WAIT_MS = 2000;
+// Each call's ICE servers come from the appliance (GET /ice-servers, supervisor/front.py):
+// a TURN credential in them is made for one call and expires, so they are asked for per
+// call. The answer is checked by the rules the appliance checks its config with
+// (appliance/core/turn_credentials.py; tests/unit/test_turn_credentials.py runs both).
+const ICE_SERVERS_PATH = "/ice-servers";
+const ICE_SERVERS_WAIT_MS = 3000;
+const MAX_ICE_ANSWER_BYTES = 16 * 1024;
+const MAX_ICE_SERVERS = 8;
+const MAX_ICE_URLS = 8;
+const MAX_ICE_URL_CHARS = 256;
+const ICE_URL = /^(stuns?|turns?):([A-Za-z0-9.-]{1,253})(?::([0-9]{1,5}))?(?:\?transport=(udp|tcp))?$/;
+const ICE_FIELD = /^[\x20-\x7e]{1,256}$/; // a username or credential: printable ASCII
 
 const encoder = new TextEncoder();
 const byteLength = (s) => encoder.encode(s).length;
@@ -103,6 +117,56 @@ const isMdnsCandidate = (line) => /\s[0-9a-f-]+\.local\s/i.test(line);
 const stripMdnsCandidates = (sdp) =>
   sdp.split("\r\n").filter((line) => !(line.startsWith("a=candidate:") && isMdnsCandidate(line))).join("\r\n");
 
+/** The iceServers of an /ice-servers answer (parsed JSON), each {urls: [...], username?,
+ * credential?}; throws on anything the appliance would not have sent. */
+export function sanitizeIceServers(answer) {
+  if (!answer || typeof answer !== "object" || Array.isArray(answer) || !Array.isArray(answer.iceServers))
+    throw new TypeError("not an ICE servers answer");
+  if (answer.iceServers.length > MAX_ICE_SERVERS) throw new RangeError(`more than ${MAX_ICE_SERVERS} ICE servers`);
+  return answer.iceServers.map((s) => {
+    if (!s || typeof s !== "object" || Array.isArray(s)) throw new TypeError("an ICE server must be an object");
+    const urls = typeof s.urls === "string" ? [s.urls] : s.urls;
+    if (!Array.isArray(urls) || urls.length < 1 || urls.length > MAX_ICE_URLS)
+      throw new RangeError(`urls must be a URL or 1..${MAX_ICE_URLS} URLs`);
+    let turn = false;
+    for (const url of urls) {
+      const m = typeof url === "string" && url.length <= MAX_ICE_URL_CHARS ? ICE_URL.exec(url) : null;
+      if (!m) throw new RangeError("not a stun:, stuns:, turn: or turns: URL");
+      const [, scheme, , port, transport] = m;
+      if (port !== undefined && (Number(port) < 1 || Number(port) > 65535)) throw new RangeError("port out of range");
+      if (scheme.startsWith("stun") && transport !== undefined) throw new RangeError("a STUN URL takes no transport");
+      if (scheme === "turns" && transport === "udp") throw new RangeError("turns: is TLS over TCP");
+      if (scheme.startsWith("turn")) turn = true;
+    }
+    const server = { urls: [...urls] };
+    for (const key of ["username", "credential"]) {
+      const value = s[key];
+      if (value === undefined || value === null) continue;
+      if (typeof value !== "string" || !ICE_FIELD.test(value)) throw new RangeError(`bad ${key}`);
+      server[key] = value;
+    }
+    if (turn && (server.username === undefined || server.credential === undefined))
+      throw new RangeError("a TURN server without username and credential");
+    return server;
+  });
+}
+
+/** The iceServers of an /ice-servers answer's text; throws on anything else. */
+export function parseIceServersAnswer(text) {
+  if (byteLength(text) > MAX_ICE_ANSWER_BYTES) throw new RangeError("ICE servers answer too long");
+  return sanitizeIceServers(JSON.parse(text));
+}
+
+/** wss://host:port/... -> https://host:port/ice-servers: the appliance that carries the calls. */
+export function iceServersUrl(wsUrl) {
+  const u = new URL(wsUrl);
+  u.protocol = u.protocol === "ws:" ? "http:" : "https:";
+  u.pathname = ICE_SERVERS_PATH;
+  u.search = "";
+  u.hash = "";
+  return u.href;
+}
+
 const sameId = (a, b) => a !== undefined && a !== null && Number(a) === Number(b);
 
 export class ApplianceClient extends EventTarget {
@@ -110,10 +174,13 @@ export class ApplianceClient extends EventTarget {
    * @param {object} [options]
    * @param {string} [options.url] the MS WebSocket, default wss://<this page's host>/
    * @param {boolean} [options.expose] make this client `window.appliance` (default true)
+   * @param {object[]} [options.iceServers] the ICE servers of every call; default: asked
+   *   of the appliance for each call (GET /ice-servers)
    */
-  constructor({ url, expose = true } = {}) {
+  constructor({ url, expose = true, iceServers } = {}) {
     super();
     this.url = url || `${location.protocol === "http:" ? "ws" : "wss"}://${location.host}/`;
+    this._iceServers = iceServers ?? null;
     this.ws = null;
     this.events = []; // every message received: {action, at, msg}
     this.sent = []; // every message sent: {action, at, msg}
@@ -232,7 +299,9 @@ export class ApplianceClient extends EventTarget {
       this._emit("localstream", call.localStream);
       await this.connect();
       if (call.ended) return call;
-      const pc = new RTCPeerConnection({ iceServers: [] });
+      const iceServers = await this._fetchIceServers();
+      if (call.ended) return call;
+      const pc = new RTCPeerConnection({ iceServers });
       call.pc = pc;
       this._wirePeerConnection(call, pc);
       for (const track of call.localStream.getTracks()) pc.addTrack(track, call.localStream);
@@ -273,6 +342,22 @@ export class ApplianceClient extends EventTarget {
       if (!video || !audio) throw err;
       this._emit("error", new Error(`camera unavailable (${err.name}); calling with voice only`));
       return navigator.mediaDevices.getUserMedia({ audio: wanted.audio });
+    }
+  }
+
+  async _fetchIceServers() {
+    if (this._iceServers) return sanitizeIceServers({ iceServers: this._iceServers });
+    const url = iceServersUrl(this.url);
+    try {
+      const response = await fetch(url, {
+        cache: "no-store", credentials: "omit", signal: AbortSignal.timeout(ICE_SERVERS_WAIT_MS),
+      });
+      if (!response.ok) throw new Error(`HTTP ${response.status}`);
+      return parseIceServersAnswer(await response.text());
+    } catch (err) {
+      // Without them a call still connects wherever UDP reaches the appliance, as before.
+      console.warn(`no ICE servers from ${url} (${err.message || err}): calling without STUN/TURN`);
+      return [];
     }
   }
 
