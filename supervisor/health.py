@@ -80,6 +80,15 @@ _REFUSAL_KEYS = {
     "media_unprotect_failed": "SRTP/SRTCP packets that failed authentication or replay check.",
     "media_malformed": "Media packets a handler could not use (dropped, counted).",
 }
+# The worker's one WebRTC media port (media.udp_port / tcp_port), since it opened.
+_MEDIA_PORT_KEYS = {
+    "ice_checks": "ICE connectivity checks answered on the worker's media port.",
+    "ice_consent_failures": "Calls released because their browser stopped ICE consent "
+                            "checks (RFC 7675: its network went away).",
+    "ice_tcp_connections": "ICE-TCP connections accepted on the worker's TCP media port.",
+    "ice_tcp_drops": "Media frames dropped whole towards ICE-TCP readers too slow for "
+                     "media.tcp_send_buffer.",
+}
 
 
 class HealthBook:
@@ -164,6 +173,7 @@ class HealthBook:
                 "decoders_created": stats.decoders_created if stats else 0,
                 # What the worker refused from the network (issue 10), since it started.
                 **{key: getattr(stats, key) if stats else 0 for key in _REFUSAL_KEYS},
+                **{key: getattr(stats, key) if stats else 0 for key in _MEDIA_PORT_KEYS},
             })
         calls = [
             {"channel": r.channel, "worker": r.worker, "dialogid": r.dialogid, "ref": r.ref,
@@ -232,6 +242,8 @@ class HealthBook:
              "decoders_created"),
             *((f"worker_{key}_total", "counter", help_text, key)
               for key, help_text in _REFUSAL_KEYS.items()),
+            *((f"worker_{key}_total", "counter", help_text, key)
+              for key, help_text in _MEDIA_PORT_KEYS.items()),
         ]
         for name, kind, help_text, key in per_worker:
             metric(name, kind, help_text,

@@ -32,7 +32,10 @@ class Event(Enum):
     SDP_REFUSED = auto()
     DTLS_CONNECTED = auto()
     DTLS_TIMEOUT = auto()
-    MEDIA_FAILED = auto()
+    MEDIA_FAILED = auto()  # ICE or DTLS failed (the detail says why, e.g. consent lost)
+    MEDIA_CLOSED = auto()  # the browser closed DTLS (close_notify): it hung up its side
+    MEDIA_PORT_DOWN = auto()  # the worker's media port is configured but could not open
+    NO_TCP = auto()  # the offer asks for RTP over TCP; this appliance has no TCP port
     LIFETIME_EXPIRED = auto()
     INVITE_SENT = auto()
     SIP_RINGING = auto()
@@ -65,6 +68,9 @@ class IllegalTransition(Exception):
 
 
 _TO_CLIENT_GONE = Release(p.CAUSE_NORMAL, "normal release", tell_client=False)
+# Q.850 63 "service or option not available": the offer's `protocol: "TCP"` is valid, but
+# not configured here (media.tcp_port 0); a client may offer again over UDP.
+CAUSE_SERVICE_NOT_AVAILABLE = 63
 _SHUTDOWN = Release(p.CAUSE_TEMPORARY_FAILURE, "appliance shutting down")
 # Placeholder: the release is the one passed with the event (SIP status -> Q.850 cause).
 FROM_EVENT = Release(0, "")
@@ -81,6 +87,12 @@ _TABLE: dict[tuple[State, Event], Transition] = {
         State.RELEASED, Release(p.CAUSE_TEMPORARY_FAILURE, "verify error: AP-S unavailable")
     ),
     (State.ANSWERING, Event.ANSWER_SENT): Transition(State.AWAITING_DTLS),
+    (State.ANSWERING, Event.MEDIA_PORT_DOWN): Transition(
+        State.RELEASED, Release(p.CAUSE_TEMPORARY_FAILURE, "media port unavailable")
+    ),
+    (State.ANSWERING, Event.NO_TCP): Transition(
+        State.RELEASED, Release(CAUSE_SERVICE_NOT_AVAILABLE, "RTP over TCP not available")
+    ),
     (State.ANSWERING, Event.SDP_REFUSED): Transition(
         State.RELEASED, Release(p.CAUSE_INVALID_IE_CONTENTS, "offer SDP refused")
     ),
@@ -118,6 +130,9 @@ for _state in _ANY_LIVE:
     _TABLE[(_state, Event.PEER_GONE)] = Transition(State.RELEASED, FROM_EVENT)
     _TABLE[(_state, Event.CLIENT_RELEASE)] = Transition(State.RELEASED, _TO_CLIENT_GONE)
     _TABLE[(_state, Event.CONNECTION_CLOSED)] = Transition(State.RELEASED, _TO_CLIENT_GONE)
+    # Only the browser can close DTLS (the alert is authenticated): a hang-up, whichever
+    # of its DTLS close and its `release` frame reaches us first.
+    _TABLE[(_state, Event.MEDIA_CLOSED)] = Transition(State.RELEASED, _TO_CLIENT_GONE)
     _TABLE[(_state, Event.SHUTDOWN)] = Transition(State.RELEASED, _SHUTDOWN)
 
 # Late events that race a release (a timer firing as the client hangs up) are harmless.

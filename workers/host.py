@@ -17,6 +17,7 @@ from appliance.edges import bus
 from appliance.edges.aps_client import VerifyResult
 from appliance.edges.rtc_adapter import CandidatePolicy
 from appliance.sip.endpoint import SipEndpoint
+from workers.media_port import MediaPort
 
 
 class Relayed(NamedTuple):
@@ -49,6 +50,8 @@ class LegHost(Protocol):
     def config(self) -> Config: ...
     @property
     def candidate_policy(self) -> CandidatePolicy: ...
+    @property
+    def media_port(self) -> MediaPort | None: ...  # None: each call binds its own sockets
 
     def to_client(self, conn: int, action: p.Action) -> None: ...
     def call_connected(self, channel: int, setup_ms: float) -> None: ...

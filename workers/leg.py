@@ -6,6 +6,11 @@ outcomes to the machine (as does its owner, with the events only the owner sees)
 performs the release the machine decides on, reporting each step to its owner through
 `LegOwner`. Once DTLS is up the leg's packets take the short path (`SrtpFastPath`) to
 whoever consumes them: the voice bridge, the video relay.
+
+Its ICE is one of two transports: by default aioice's, with sockets of the call's own from
+the port range; with the worker's media port (`[media] udp_port`, workers/media_port.py)
+an ICE-lite connection on that port, whose failure reason (consent lost...) becomes the
+release's detail.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from msgspec import UNSET
 
 from appliance.core import protocol as p
 from appliance.core.tasks import spawn
+from appliance.edges.lite_transport import LiteConnection, offer_without_candidates
 from appliance.edges.rtc_adapter import (
     AudioSender,
     SilentTrack,
@@ -36,6 +42,7 @@ from appliance.media.rtp import ABS_SEND_TIME_URI
 from appliance.media.video import VideoSink
 from workers.call_state import CallMachine, Event, Release, State, Transition
 from workers.host import LegHost, Relayed
+from workers.media_port import MediaPort, describe_failure, wants_tcp
 from workers.sdp_candidates import extension_id, local_candidates
 from workers.video_relay import FeedbackSink, PacketSink, VideoRelay
 
@@ -95,6 +102,8 @@ class WebRtcLeg:
         self._pending_ice: list[p.IceCandidate] = []
         self._task: asyncio.Task[None] | None = None
         self._tracks: list[SilentTrack] = []
+        # On the worker's media port: this leg's ICE-lite connections (one with BUNDLE).
+        self._lite: list[LiteConnection] = []
 
     # -- the machine -------------------------------------------------------------------
 
@@ -134,6 +143,13 @@ class WebRtcLeg:
     async def _answer(self) -> None:
         assert self.offer.offer is not UNSET
         config = self._host.config
+        port = self._host.media_port
+        tcp_only = port is not None and wants_tcp(self.offer)
+        if port is not None and (refusal := port.refusal(tcp_only)) is not None:
+            log.info("channel %d: refused: %s", self.channel,
+                     port.error or "RTP over TCP asked for, media.tcp_port is 0")
+            self.apply(refusal)
+            return
         pc = RTCPeerConnection(make_configuration(config.ice_servers()))
         self.pc = pc
         pc.on("connectionstatechange", self._on_connection_state)
@@ -144,6 +160,10 @@ class WebRtcLeg:
             )
             if self.audio is None and self.video is None:
                 raise NoCommonCodec("the offer has neither audio nor video")
+            if port is not None:
+                # A lite agent never contacts the browser's candidates (it learns its
+                # address from the checks), and aiortc must not resolve their mDNS names.
+                offer_sdp = offer_without_candidates(offer_sdp)
             await pc.setRemoteDescription(RTCSessionDescription(offer_sdp, "offer"))
             # Tracks make the answer sendrecv; their packets come from the relay.
             for kind in self.send_kinds:
@@ -151,7 +171,7 @@ class WebRtcLeg:
                     track = SilentTrack(kind)
                     self._tracks.append(track)
                     pc.addTrack(track)
-            apply_candidate_policy(pc, self._host.candidate_policy)
+            await self._attach_ice(pc, port, tcp_only)
             await pc.setLocalDescription(await pc.createAnswer())
         except Exception as exc:  # aiortc raises ValueError & co. on SDP it cannot use
             if self._machine.live:
@@ -181,6 +201,14 @@ class WebRtcLeg:
         if pc.connectionState == "connected":  # raced ahead of our handler registration
             self._on_connection_state()
 
+    async def _attach_ice(self, pc: RTCPeerConnection, port: MediaPort | None,
+                          tcp_only: bool) -> None:
+        """Today's per-call aioice sockets, or the worker's media port."""
+        if port is None:
+            apply_candidate_policy(pc, self._host.candidate_policy)
+        else:
+            self._lite = await port.attach(pc, tcp_only=tcp_only)
+
     def _on_connection_state(self) -> None:
         pc = self.pc
         if pc is None or not self._machine.live:
@@ -190,7 +218,27 @@ class WebRtcLeg:
             self.connected_at = time.monotonic()
             self.apply(Event.DTLS_CONNECTED)
         elif state == "failed":
-            self.apply(Event.MEDIA_FAILED, "ICE/DTLS failed")
+            self.apply(Event.MEDIA_FAILED, self._failure_detail())
+        elif state == "closed":
+            # aiortc closed the pc before we did: the browser closed DTLS (a hang-up), or
+            # the lite connection ended and aiortc, seeing DTLS end, closed first.
+            if self._lite_failure() is None:
+                log.info("channel %d: the browser closed its media connection", self.channel)
+                self.apply(Event.MEDIA_CLOSED)
+            else:
+                self.apply(Event.MEDIA_FAILED, self._failure_detail())
+
+    def _lite_failure(self) -> str | None:
+        return next((c.failure for c in self._lite if c.failure is not None), None)
+
+    def _failure_detail(self) -> str:
+        port = self._host.media_port
+        if port is None:
+            return "ICE/DTLS failed"
+        reason = self._lite_failure()
+        log.info("channel %d: media transport failed on the worker's port: %s", self.channel,
+                 reason or "DTLS failed, ICE was up")
+        return describe_failure(reason, port.consent_timeout)
 
     async def close(self) -> None:
         """Stop a setup still running, the tracks and the peer connection."""

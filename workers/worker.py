@@ -40,6 +40,7 @@ from workers import video_relay
 from workers.agent_call import AgentCall
 from workers.health import LoopLagProbe
 from workers.host import Call, Relayed
+from workers.media_port import MediaPort, PortPlan, lite_settings
 from workers.rooms import RoomRegistry
 from workers.user_call import UserCall
 
@@ -82,6 +83,9 @@ class Worker:
         self.aps = ApsClient.from_config(config)  # with its API token, if one is configured
         self.metrics_setup_ms: deque[float] = deque(maxlen=1000)
         self.sip_endpoint: SipEndpoint | None = None
+        # The worker's one WebRTC media port, when media.udp_port is set (else each call
+        # binds its own sockets); opened in run(), closed once the calls are released.
+        self.media_port: MediaPort | None = None
         self.lag = LoopLagProbe()
         self.calls_placed = 0
         self.calls_failed = 0
@@ -123,6 +127,7 @@ class Worker:
         self._sock.connect(self.bus_endpoint)
         await self.aps.start()
         await self._open_sip()
+        await self._open_media_port()
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self._on_sigterm)
         # The supervisor decides when workers stop; an interactive Ctrl-C is its to handle.
@@ -162,6 +167,15 @@ class Worker:
         log.info("worker %d: SIP on %s:%d, proxy %s", self.index, *local, sip.proxy)
         # The supervisor keeps a copy of every confirmed dialog, to BYE it if we die.
         self.sip_endpoint.on_dialog = self._dialog_changed
+
+    async def _open_media_port(self) -> None:
+        plan = PortPlan.for_worker(self.config.media, self.index)
+        if plan is None:
+            return
+        # Not opening is logged and answered per call ("media port unavailable"): the
+        # worker stays up, so the supervisor does not restart it in a loop.
+        self.media_port = await MediaPort.open(plan, self.candidate_policy.addresses,
+                                               lite_settings(self.config.media), self.index)
 
     def _dialog_changed(self, call_id: str, snapshot: DialogSnapshot | None) -> None:
         if snapshot is None:
@@ -274,6 +288,7 @@ class Worker:
             decoders_created=DECODERS.created,
             **(self.sip_endpoint.stats if self.sip_endpoint is not None else {}),
             **DROPS.stats(),
+            **(self.media_port.stats() if self.media_port is not None else {}),
         ))
 
     # -- CallHost: what the calls ask of their worker ---------------------------------------
@@ -342,6 +357,8 @@ class Worker:
             if self.sip_endpoint is not None:
                 await asyncio.sleep(0.05)  # let the BYEs leave before the socket closes
                 self.sip_endpoint.close()
+            if self.media_port is not None:
+                self.media_port.close()
             self._stats.stop()
             self.lag.stop()
             self.send(bus.ShutdownDone(self.index))

@@ -13,6 +13,7 @@ from typing import Any
 
 import msgspec
 
+from appliance.core import turn_credentials
 from appliance.core.netaddr import parse_networks
 
 
@@ -91,6 +92,11 @@ class IceServerConfig(msgspec.Struct, forbid_unknown_fields=True):
     urls: str | list[str]
     username: str | None = None
     credential: str | None = None
+    # A TURN server run with coturn's use-auth-secret: the file (mode 0600) holding its
+    # static-auth-secret, instead of username/credential. Each page and SDK call then gets a
+    # credential of its own, valid `ttl` seconds (appliance/core/turn_credentials.py).
+    secret_file: str = ""
+    ttl: int = turn_credentials.DEFAULT_TTL_S
 
 
 class MediaConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -103,6 +109,17 @@ class MediaConfig(msgspec.Struct, forbid_unknown_fields=True):
     # "packet": relay RTP as packets (the product). "aiortc": decode and re-encode video
     # through aiortc's tracks, only as the bench's baseline to measure the packet relay by.
     relay: str = "packet"
+    # One WebRTC media port per worker for all its calls (issue 12): worker i listens on
+    # udp_port + i (UDP) and on tcp_port + i (TCP, RFC 6544 passive candidates). 0: no such
+    # port; with udp_port 0 every call binds its own UDP port in port_min..port_max.
+    udp_port: int = 0
+    tcp_port: int = 0
+    # Bytes queued towards one ICE-TCP connection that reads too slowly; a frame that does
+    # not fit is dropped whole and counted (appliance/ice/tcp_writer.py).
+    tcp_send_buffer: int = 256 * 1024
+    # On those ports: seconds without a valid ICE check from a call's browser (RFC 7675
+    # consent; browsers check about every 5 s) before the call is released.
+    consent_timeout: float = 30.0
 
 
 class AdminConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -285,6 +302,9 @@ def _validate(config: Config, source: str) -> None:
         raise ConfigError(f"{source}: media.relay must be 'packet' or 'aiortc'")
     if config.media.dtls_timeout <= 0:
         raise ConfigError(f"{source}: media.dtls_timeout must be > 0")
+    if not CONSENT_TIMEOUT_MIN <= config.media.consent_timeout <= CONSENT_TIMEOUT_MAX:
+        raise ConfigError(f"{source}: media.consent_timeout must be {CONSENT_TIMEOUT_MIN:g}.."
+                          f"{CONSENT_TIMEOUT_MAX:g} seconds")
     if ":" not in config.sip.proxy:
         raise ConfigError(f"{source}: sip.proxy must be host:port")
     if config.sip.dtmf_mode not in ("rfc4733", "info"):
@@ -296,6 +316,8 @@ def _validate(config: Config, source: str) -> None:
     except ValueError as exc:
         raise ConfigError(f"{source}: sip.allowed_sources: {exc}") from None
     _validate_peers(config.peers, source)
+    _validate_ice_servers(config.media.ice_servers, source)
+    _validate_media_ports(config, source)
     _validate_session_timer(config, source)
     _validate_admin(config.admin, source)
     _validate_admission(config, source)
@@ -313,6 +335,66 @@ def _validate_admission(config: Config, source: str) -> None:
         raise ConfigError(f"{source}: admission.wrong_roomkey_cooldown must be > 0")
     if config.aps.require_agent_token and not config.aps.agent_token_secret_file:
         raise ConfigError(f"{source}: aps.require_agent_token needs aps.agent_token_secret_file")
+
+
+def _validate_ice_servers(servers: list[IceServerConfig], source: str) -> None:
+    # The pages and the workers' aiortc get this list: an entry either takes is one both take.
+    if len(servers) > turn_credentials.MAX_SERVERS:
+        raise ConfigError(f"{source}: media.ice_servers: at most "
+                          f"{turn_credentials.MAX_SERVERS} entries")
+    for i, s in enumerate(servers):
+        try:
+            turn_credentials.check_config_entry(s.urls, s.username, s.credential,
+                                                s.secret_file, s.ttl)
+        except turn_credentials.IceServerError as exc:
+            raise ConfigError(f"{source}: media.ice_servers[{i}]: {exc}") from None
+
+
+# RFC 7675 says 30 s; below a browser's check interval (about 5 s) calls would drop, so
+# only tests go that low. Above a few minutes a dead browser would hold its channel.
+CONSENT_TIMEOUT_MIN = 1.0
+CONSENT_TIMEOUT_MAX = 300.0
+# appliance/ice/tcp_writer.py's bounds on a send buffer (core imports nothing of ours): one
+# frame of RFC 4571's largest (2 + 65535 bytes) must fit; 16 MiB is many seconds of video.
+TCP_SEND_BUFFER_MIN = 2 + 65535
+TCP_SEND_BUFFER_MAX = 16 * 1024 * 1024
+
+
+def _validate_media_ports(config: Config, source: str) -> None:
+    """The per-worker media ports fit in 1..65535 and take no port another listener of the
+    box binds with the same protocol (UDP 443 beside a TCP 443 signalling port is fine)."""
+    media = config.media
+    if not TCP_SEND_BUFFER_MIN <= media.tcp_send_buffer <= TCP_SEND_BUFFER_MAX:
+        raise ConfigError(f"{source}: media.tcp_send_buffer must be {TCP_SEND_BUFFER_MIN}.."
+                          f"{TCP_SEND_BUFFER_MAX} bytes")
+    n = config.worker_count()
+    sip = config.sip
+    taken = {
+        "udp": [(f"the SIP ports (sip.base_port + i: {sip.base_port}..{sip.base_port + n - 1})",
+                 range(sip.base_port, sip.base_port + n)),
+                (f"the SIP RTP range (sip.rtp_port_min..rtp_port_max: {sip.rtp_port_min}.."
+                 f"{sip.rtp_port_max})", range(sip.rtp_port_min, sip.rtp_port_max + 1))],
+        "tcp": [(f"signalling.port {config.signalling.port}",
+                 range(config.signalling.port, config.signalling.port + 1)),
+                (f"admin.port {config.admin.port}",
+                 range(config.admin.port, config.admin.port + 1) if config.admin.port
+                 else range(0))],
+    }
+    for proto in ("udp", "tcp"):
+        key = f"{proto}_port"
+        base = getattr(media, key)
+        if base == 0:
+            continue
+        if not 1 <= base <= 65536 - n:
+            raise ConfigError(
+                f"{source}: media.{key} must be 0 (off) or 1..{65536 - n}: worker i listens "
+                f"on {key} + i, and there are {n} workers")
+        ports = range(base, base + n)
+        for name, other in taken[proto]:
+            if ports.start < other.stop and other.start < ports.stop:
+                raise ConfigError(
+                    f"{source}: media.{key} + i ({base}..{base + n - 1}, {proto.upper()}) "
+                    f"overlaps {name}")
 
 
 def _validate_session_timer(config: Config, source: str) -> None:

@@ -154,6 +154,14 @@ class WorkerStats(_Msg, tag="stats"):
     media_oversized: int = 0
     media_unprotect_failed: int = 0
     media_malformed: int = 0
+    # The worker's one WebRTC media port (media.udp_port, issue 12), since it opened; all 0
+    # without one: connectivity checks answered, calls released because their browser
+    # stopped checking (RFC 7675 consent), ICE-TCP connections accepted, and media frames
+    # dropped whole towards TCP readers too slow for their send buffer.
+    ice_checks: int = 0
+    ice_consent_failures: int = 0
+    ice_tcp_connections: int = 0
+    ice_tcp_drops: int = 0
 
 
 ToWorker = StartCall | ClientAction | ConnectionClosed | DuplicateLogin | Shutdown | ByeDialogs
