@@ -259,8 +259,13 @@ class MediaServerClient:
         ref: int | None = None,
         audio_track: MediaStreamTrack | None = None,
         video_track: MediaStreamTrack | None = None,
+        transport: str | None = None,
     ) -> Call:
-        """Send the user's `offer` and return the Call at once (the answer comes as events)."""
+        """Send the user's `offer` and return the Call at once (the answer comes as events).
+
+        `transport="TCP"` is the offer's `protocol: "TCP"` (PROTOCOL.md): the appliance then
+        announces only its ICE-TCP candidate. aiortc itself cannot do ICE-TCP, so such a
+        call connects only through a TURN server over TCP."""
         offer = protocol.Offer(
             caller=caller,
             callee=callee,
@@ -271,6 +276,7 @@ class MediaServerClient:
             audio=audio,
             suid=UNSET if suid is None else suid,
             nickname=UNSET if nickname is None else nickname,
+            protocol=UNSET if transport is None else transport,
         )
         return await self._start_call(offer, medium, dialogid, ref, audio_track, video_track)
 

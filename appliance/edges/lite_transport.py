@@ -1,375 +1,88 @@
-"""Spike for issue 12 (decision record 0006): one UDP socket per worker, answering every
-call as ICE-lite, under aiortc's own DTLS-SRTP, RTP senders and our SrtpFastPath.
+"""The worker's one media port for every call (issue 12, decision record 0006): one UDP
+socket and one ICE-TCP listener per configured address, answered as ICE-lite by
+`appliance.ice.lite.LiteAgent`, under aiortc's own DTLS-SRTP, RTP senders and
+`rtc_adapter.SrtpFastPath`.
 
-What this module owns, in three parts that are split when the lead wires it in:
-
-1. Minimal STUN for an ICE-lite answerer: parse a connectivity check, sign its answer.
-   TO BE REPLACED by appliance.ice.stun (another engineer's, in progress).
-2. `LiteDemux`, sans-IO (`now` passed in): which call a datagram on the shared port is
-   for - STUN by the username fragment, everything else by the remote address a valid
-   check taught us - plus nomination (USE-CANDIDATE), address moves and consent (RFC
-   7675) deadlines. TO BE REPLACED by appliance.ice.lite (LiteAgent).
-3. The I/O edge and the aiortc glue (stays in appliance.edges): `SharedUdpPort`, the
-   worker's socket, and `LiteConnection`, the object that stands in for aioice's
-   `Connection` under aiortc's RTCIceGatherer/RTCIceTransport. `use_lite_transport(pc,
-   port)` swaps it in after setRemoteDescription, so RTCDtlsTransport, the RTP senders and
-   `rtc_adapter.SrtpFastPath` run unchanged on top of it.
+What this module owns - the I/O edge and the aiortc glue; the ICE logic is LiteAgent's:
+- `WorkerMediaPort`: the sockets, and the one LiteAgent every UDP datagram and every RFC
+  4571 frame goes through. The agent's answers go back on the path they came from, its
+  media to the session's `LiteConnection`, its events onto that connection (decision 0006,
+  "Consequences"): Nominated, and SelectedPathChanged after it, select the pair aiortc and
+  the fast path send on; ConsentLost ends the call with `failure = "consent expired"`; no
+  nomination within `connect_timeout` ends it with "no nomination". The agent's consent
+  deadlines and ours share one `loop.call_at`, armed on the earliest (no tick).
+- ICE-TCP, RFC 6544's passive side (`IceTcpConnection`): per accepted connection an RFC
+  4571 `Decoder` that closes the connection on a first frame that is not a STUN Binding
+  request, a deadline for the first valid check (slowloris) and, once checked, for consent
+  (a connection with no valid check for `consent_timeout` is closed), caps per port and per
+  source address, `forget_path` when it closes, and a bounded `FramedWriter` for everything
+  sent on it - STUN answers, DTLS, SRTP - so a reader that stops reading costs its own call
+  dropped frames (counted), never the worker a blocked loop or unbounded memory.
+- `LiteConnection`: stands in for aioice's `Connection` under aiortc's RTCIceGatherer and
+  RTCIceTransport; `use_lite_transport(pc, port)` swaps it in after setRemoteDescription.
+  Its selected pair (`UdpPair` or `TcpPair`) has `send(data)`: a TCP pair frames, so the
+  fast path sends over TCP unchanged.
 
 aiortc touches a connection only through the members listed in `CONNECTION_MEMBERS`;
 `check_lite_hooks()` reads aiortc's source for `_connection.<name>` and fails if it ever
-uses one we do not provide (aiortc is pinned; an upgrade must fail in CI, not in a rack).
-Nothing here is used by the worker yet: today's per-call aioice transport stays the default.
+uses one we do not provide (aiortc is pinned; an upgrade must fail in CI, not in a rack);
+rtc_adapter.check_hooks() runs it. Nothing here is the worker's default transport yet.
 """
 
 from __future__ import annotations
 
 import asyncio
-import binascii
-import hashlib
-import hmac
+import contextlib
+import heapq
 import inspect
 import ipaddress
+import itertools
 import logging
 import re
-import secrets
 import socket
-import string
-import struct
-import time
-from collections import OrderedDict, deque
-from collections.abc import Iterable
-from dataclasses import dataclass, field
-from typing import Any
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, fields
+from typing import Any, Protocol
 
 from aioice import Candidate, ConnectionClosed
 from aioice.candidate import candidate_foundation, candidate_priority
 from aiortc import RTCPeerConnection
-from aiortc.rtcicetransport import RTCIceParameters
+from aiortc.rtcicetransport import RTCIceParameters, RTCIceTransport
 
-from appliance.core.throttle import Tally, TokenBucket
+from appliance.core.throttle import Tally
+from appliance.ice.framing import HEADER_BYTES, Decoder, FramingError
+from appliance.ice.lite import (
+    ConsentLost,
+    Credentials,
+    Event,
+    LiteAgent,
+    LiteError,
+    Nominated,
+    Path,
+    Received,
+    SelectedPathChanged,
+    new_credentials,
+    tcp_path,
+    udp_path,
+)
+from appliance.ice.tcp_writer import DEFAULT_LIMIT, MAX_LIMIT, MIN_LIMIT, FramedWriter
 from appliance.media.datagrams import MAX_DATAGRAM, fits
 
 log = logging.getLogger("appliance.rtc")
 
 Addr = tuple[str, int]
 
-# --------------------------------------------------------------------------------------
-# 1. Minimal STUN (RFC 8489) for answering ICE checks. TO BE REPLACED by appliance.ice.stun.
-# --------------------------------------------------------------------------------------
-
-HEADER = 20
-COOKIE = 0x2112A442
-FINGERPRINT_XOR = 0x5354554E
-BINDING_REQUEST = 0x0001
-BINDING_SUCCESS = 0x0101
-USERNAME = 0x0006
-MESSAGE_INTEGRITY = 0x0008
-XOR_MAPPED_ADDRESS = 0x0020
-PRIORITY = 0x0024
-USE_CANDIDATE = 0x0025
-FINGERPRINT = 0x8028
-ICE_CONTROLLED = 0x8029
-ICE_CONTROLLING = 0x802A
-MAX_USERNAME = 513  # RFC 5389 section 15.3: fewer than 513 bytes
-MAX_ATTRIBUTES = 32  # a browser's check has about 7; the bound keeps a parse cheap
-
-
-class StunError(ValueError):
-    """The only exception the STUN parser raises, whatever the bytes."""
-
-
-@dataclass(frozen=True, slots=True)
-class BindingRequest:
-    """A parsed connectivity check (RFC 8445 section 7.1.1), FINGERPRINT already verified;
-    MESSAGE-INTEGRITY is checked with `authentic()` once we know whose password applies."""
-
-    transaction_id: bytes
-    username: str  # "<our ufrag>:<their ufrag>"
-    use_candidate: bool
-    controlling: bool
-    controlled: bool
-    priority: int | None
-    signed: bytes  # what the HMAC covers: the message up to MESSAGE-INTEGRITY, length fixed
-    integrity: bytes
-
-    def authentic(self, key: bytes) -> bool:
-        mac = hmac.new(key, self.signed, hashlib.sha1).digest()
-        return hmac.compare_digest(mac, self.integrity)
-
-
-def _with_length(data: bytes, length: int) -> bytes:
-    return data[:2] + struct.pack("!H", length) + data[4:]
-
-
-def parse_binding_request(data: bytes) -> BindingRequest:
-    """A Binding request with USERNAME, MESSAGE-INTEGRITY and a valid FINGERPRINT, or
-    StunError. Attributes after MESSAGE-INTEGRITY other than FINGERPRINT are ignored
-    (RFC 8489 section 14.5); unknown comprehension-optional ones too."""
-    size = len(data)
-    if size < HEADER or size > MAX_DATAGRAM:
-        raise StunError("size")
-    msg_type, length, cookie = struct.unpack_from("!HHI", data)
-    if cookie != COOKIE or msg_type != BINDING_REQUEST:
-        raise StunError("not a STUN Binding request")
-    if length != size - HEADER or length % 4:
-        raise StunError("length")
-    username: str | None = None
-    integrity_at = -1
-    integrity = b""
-    fingerprinted = use_candidate = controlling = controlled = False
-    priority: int | None = None
-    pos, count = HEADER, 0
-    while pos < size:
-        if size - pos < 4:
-            raise StunError("truncated attribute header")
-        kind, alen = struct.unpack_from("!HH", data, pos)
-        start, end = pos + 4, pos + 4 + alen
-        if end > size:
-            raise StunError("attribute overruns the message")
-        count += 1
-        if count > MAX_ATTRIBUTES or fingerprinted:
-            raise StunError("too many attributes, or one after FINGERPRINT")
-        value = data[start:end]
-        if kind == FINGERPRINT:
-            if alen != 4:
-                raise StunError("FINGERPRINT length")
-            crc = binascii.crc32(_with_length(data[:pos], pos - HEADER + 8)) ^ FINGERPRINT_XOR
-            if struct.unpack("!I", value)[0] != crc:
-                raise StunError("FINGERPRINT mismatch")
-            fingerprinted = True
-        elif integrity_at >= 0:
-            pass  # not covered by MESSAGE-INTEGRITY: ignored
-        elif kind == MESSAGE_INTEGRITY:
-            if alen != 20:
-                raise StunError("MESSAGE-INTEGRITY length")
-            integrity_at, integrity = pos, value
-        elif kind == USERNAME:
-            if alen > MAX_USERNAME:
-                raise StunError("USERNAME too long")
-            try:
-                username = value.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise StunError("USERNAME is not UTF-8") from exc
-        elif kind == PRIORITY:
-            if alen != 4:
-                raise StunError("PRIORITY length")
-            priority = struct.unpack("!I", value)[0]
-        elif kind == USE_CANDIDATE:
-            if alen != 0:
-                raise StunError("USE-CANDIDATE length")
-            use_candidate = True
-        elif kind in (ICE_CONTROLLING, ICE_CONTROLLED):
-            if alen != 8:
-                raise StunError("ICE-CONTROLLING/CONTROLLED length")
-            controlling = controlling or kind == ICE_CONTROLLING
-            controlled = controlled or kind == ICE_CONTROLLED
-        elif kind < 0x8000:
-            # Comprehension-required and unknown: RFC 8489 would answer 420; a browser's
-            # check never carries one, so it is not worth an answer to a stranger.
-            raise StunError(f"unknown comprehension-required attribute {kind:#06x}")
-        pos = start + ((alen + 3) & ~3)
-    if pos != size:
-        raise StunError("padding overruns the message")
-    if username is None or integrity_at < 0 or not fingerprinted:
-        raise StunError("a check needs USERNAME, MESSAGE-INTEGRITY and FINGERPRINT")
-    signed = _with_length(data[:integrity_at], integrity_at - HEADER + 24)
-    return BindingRequest(bytes(data[8:20]), username, use_candidate, controlling, controlled,
-                          priority, signed, integrity)
-
-
-def _attribute(kind: int, value: bytes) -> bytes:
-    return struct.pack("!HH", kind, len(value)) + value + b"\x00" * (-len(value) % 4)
-
-
-def binding_success(transaction_id: bytes, mapped: Addr, key: bytes) -> bytes:
-    """The signed answer to a check: XOR-MAPPED-ADDRESS (the browser learns its
-    peer-reflexive address), MESSAGE-INTEGRITY with our password, FINGERPRINT.
-    ValueError if `mapped` is not an IP address and port."""
-    ip = ipaddress.ip_address(mapped[0].partition("%")[0])
-    port = int(mapped[1])
-    if not 0 <= port <= 0xFFFF or len(transaction_id) != 12:
-        raise ValueError("port or transaction id")
-    family = 1 if ip.version == 4 else 2
-    pad = struct.pack("!I", COOKIE) + (b"" if ip.version == 4 else transaction_id)
-    xored = bytes(a ^ b for a, b in zip(ip.packed, pad, strict=True))
-    body = _attribute(XOR_MAPPED_ADDRESS,
-                      struct.pack("!BBH", 0, family, port ^ (COOKIE >> 16)) + xored)
-    head = struct.pack("!HHI", BINDING_SUCCESS, len(body) + 24, COOKIE) + transaction_id
-    body += _attribute(MESSAGE_INTEGRITY, hmac.new(key, head + body, hashlib.sha1).digest())
-    head = _with_length(head, len(body) + 8)
-    crc = binascii.crc32(head + body) ^ FINGERPRINT_XOR
-    return head + body + _attribute(FINGERPRINT, struct.pack("!I", crc))
-
-
-# --------------------------------------------------------------------------------------
-# 2. Sans-IO demultiplexing and ICE-lite state. TO BE REPLACED by appliance.ice.lite.
-# --------------------------------------------------------------------------------------
-
-_ICE_CHARS = re.compile(r"[A-Za-z0-9+/]+")  # RFC 8839 section 5.4 ice-char
-
-
-@dataclass(frozen=True)
-class LiteSettings:
-    consent_timeout: float = 30.0  # RFC 7675: no valid check from the selected address
-    connect_timeout: float = 30.0  # no nomination at all (the leg's dtls_timeout is shorter)
-    max_calls: int = 1024  # per port; the worker's channels bound it first
-    max_addresses: int = 8  # per call: a browser checks from each of its candidates
-    check_rate: float = 50.0  # valid-looking checks per call per second (HMACs we compute)
-    check_burst: float = 100.0
-    queue: int = 256  # datagrams waiting for aiortc's DTLS reader (the fast path takes SRTP)
-    tick: float = 1.0  # how often deadlines are looked at
-
-
-@dataclass(frozen=True, slots=True)
-class Answer:
-    """A valid check: send `reply` to `addr`; `selected` when it (re)selected `addr`."""
-
-    ufrag: str
-    reply: bytes
-    addr: Addr
-    selected: bool
-
-
-@dataclass(frozen=True, slots=True)
-class Refused:
-    reason: str  # a counter key; nothing is sent back
-
-
-@dataclass
-class _Call:
-    ufrag: str
-    password: bytes
-    created: float
-    bucket: TokenBucket
-    remote_ufrag: str | None = None
-    addresses: OrderedDict[Addr, None] = field(default_factory=OrderedDict)  # LRU
-    selected: Addr | None = None
-    consent_at: float = 0.0
-
-
-class LiteDemux:
-    """The ICE-lite side of every call on one shared port (RFC 8445 section 7.3 as a lite
-    agent: answer checks, never send any; the controlling browser nominates)."""
-
-    def __init__(self, settings: LiteSettings = LiteSettings()) -> None:
-        self.settings = settings
-        self._calls: dict[str, _Call] = {}
-        self._by_addr: dict[Addr, str] = {}
-
-    def __len__(self) -> int:
-        return len(self._calls)
-
-    def add_call(self, now: float, ufrag: str, password: str) -> None:
-        if not (4 <= len(ufrag) <= 256 and _ICE_CHARS.fullmatch(ufrag)):
-            raise ValueError("ufrag must be 4..256 ice-chars")
-        if not (22 <= len(password) <= 256 and _ICE_CHARS.fullmatch(password)):
-            raise ValueError("password must be 22..256 ice-chars")
-        if ufrag in self._calls:
-            raise ValueError("ufrag already in use on this port")
-        if len(self._calls) >= self.settings.max_calls:
-            raise ValueError("too many calls on this port")
-        bucket = TokenBucket(self.settings.check_rate, self.settings.check_burst)
-        self._calls[ufrag] = _Call(ufrag, password.encode("ascii"), now, bucket)
-
-    def has_call(self, ufrag: str) -> bool:
-        return ufrag in self._calls
-
-    def set_remote_ufrag(self, ufrag: str, remote_ufrag: str | None) -> None:
-        """Once the browser's ufrag is known, checks must name it (RFC 8445 section 7.3)."""
-        call = self._calls.get(ufrag)
-        if call is not None:
-            call.remote_ufrag = remote_ufrag
-
-    def remove_call(self, ufrag: str) -> None:
-        call = self._calls.pop(ufrag, None)
-        if call is None:
-            return
-        for addr in call.addresses:
-            if self._by_addr.get(addr) == ufrag:
-                del self._by_addr[addr]
-
-    def selected(self, ufrag: str) -> Addr | None:
-        call = self._calls.get(ufrag)
-        return call.selected if call else None
-
-    def route(self, addr: Addr) -> str | None:
-        """Whose call a non-STUN datagram (DTLS, SRTP, SRTCP) from `addr` belongs to."""
-        return self._by_addr.get(addr)
-
-    def on_stun(self, now: float, data: bytes, addr: Addr) -> Answer | Refused:
-        try:
-            request = parse_binding_request(data)
-        except StunError:
-            return Refused("malformed")
-        ours, colon, theirs = request.username.partition(":")
-        call = self._calls.get(ours)
-        if call is None or not colon:
-            return Refused("unknown ufrag")
-        if call.remote_ufrag is not None and theirs != call.remote_ufrag:
-            return Refused("wrong remote ufrag")
-        # Before the HMAC: the ufrag is plaintext on the wire, so an on-path stranger can
-        # name a live call; the bucket caps the hashing that costs us.
-        if not call.bucket.take(now):
-            return Refused("check rate")
-        if not request.authentic(call.password):
-            return Refused("bad integrity")
-        if not request.controlling or request.controlled:
-            # A lite agent is always controlled; a peer that thinks so too cannot connect.
-            return Refused("peer not controlling")
-        owner = self._by_addr.get(addr)
-        if owner is not None and owner != ours:
-            other = self._calls[owner]
-            if other.selected == addr:
-                # Another live call's path: a spoofed source must not hijack its media.
-                return Refused("address taken")
-            del other.addresses[addr]
-        try:
-            reply = binding_success(request.transaction_id, addr, call.password)
-        except ValueError:
-            return Refused("unanswerable address")
-        self._learn(call, addr)
-        selected = request.use_candidate and call.selected != addr
-        if selected:
-            call.selected = addr  # first nomination, or the browser moved (a new pair)
-        if addr == call.selected:
-            call.consent_at = now  # consent freshness: a valid check on the selected pair
-        return Answer(ours, reply, addr, selected)
-
-    def _learn(self, call: _Call, addr: Addr) -> None:
-        call.addresses[addr] = None
-        call.addresses.move_to_end(addr)
-        self._by_addr[addr] = call.ufrag
-        while len(call.addresses) > self.settings.max_addresses:
-            stale = next(a for a in call.addresses if a != call.selected)
-            del call.addresses[stale]
-            if self._by_addr.get(stale) == call.ufrag:
-                del self._by_addr[stale]
-
-    def expired(self, now: float) -> list[tuple[str, str]]:
-        """Calls whose deadline passed, removed: (ufrag, reason)."""
-        out: list[tuple[str, str]] = []
-        for ufrag, call in self._calls.items():
-            if call.selected is None:
-                if now - call.created >= self.settings.connect_timeout:
-                    out.append((ufrag, "no nomination"))
-            elif now - call.consent_at >= self.settings.consent_timeout:
-                out.append((ufrag, "consent expired"))
-        for ufrag, _ in out:
-            self.remove_call(ufrag)
-        return out
-
-
-# --------------------------------------------------------------------------------------
-# 3. The I/O edge and the aiortc glue.
-# --------------------------------------------------------------------------------------
-
-# RFC 6544 section 4.2: local preference = 2^13 * direction-pref + other-pref, passive 4.
+# RFC 8445 section 5.1.2.1 / RFC 6544 section 4.2: UDP host candidates keep the top local
+# preference; a passive TCP one gets 2^13 * direction-pref (passive: 4) + other-pref, so
+# every UDP candidate sorts before every TCP one. Address i of the port takes pref - i.
+UDP_LOCAL_PREF = 65535
 TCP_PASSIVE_LOCAL_PREF = (1 << 13) * 4 + 8191
-_UFRAG_LEN = 16  # random, so an off-path stranger cannot guess a live call's demux key
-_PASSWORD_LEN = 24
-_ICE_ALPHABET = string.ascii_letters + string.digits + "+/"
+_MAX_ADDRESSES = 16  # a worker announces one address per family, maybe a few more
 _ICE_TRANSPORTS_ATTR = "_RTCPeerConnection__iceTransports"
-_SOCKET_BUFFER = 1 << 20  # every call's packets share one socket's buffers
+_SOCKET_BUFFER = 1 << 20  # every call's packets share one UDP socket's buffers
+_TCP_BACKLOG = 128
+_REMOTE_CANDIDATES_KEPT = 16
 
 # What aiortc (rtcicetransport, rtcpeerconnection, rtcdtlstransport) and rtc_adapter's
 # SrtpFastPath read or call on `_connection`; LiteConnection provides each of them.
@@ -380,223 +93,606 @@ CONNECTION_MEMBERS = frozenset({
     "send", "data_received", "_nominated",
 })
 # Of those, the ones LiteConnection sets on the instance (the rest are class members).
-_INSTANCE_MEMBERS = frozenset({"ice_controlling", "remote_is_lite", "remote_password",
-                               "_nominated"})
+_INSTANCE_MEMBERS = frozenset({"ice_controlling", "remote_is_lite", "remote_username",
+                               "remote_password", "_nominated"})
 
-_refused = Tally(log, "datagrams refused on the shared ICE port")
+_tcp_refused = Tally(log, "ICE-TCP connections refused (over max_tcp_connections or "
+                          "max_tcp_per_address)")
+_tcp_not_ice = Tally(log, "ICE-TCP connections closed: not RFC 4571 ICE")
+
+
+class BindAnnounce(Protocol):
+    """Where to bind and what to announce: rtc_adapter.HostAddress (not imported here, so
+    rtc_adapter can import this module for its hook checks without a cycle)."""
+
+    @property
+    def bind(self) -> str: ...
+
+    @property
+    def announce(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class LiteSettings:
+    consent_timeout: float = 30.0  # RFC 7675: no valid check on the selected path
+    connect_timeout: float = 30.0  # no nomination at all (the leg's dtls_timeout is shorter)
+    max_calls: int = 1024  # per port; the worker's channels bound it first
+    max_paths: int = 8  # per call: a browser checks from each of its candidates
+    check_rate: float = 50.0  # checks per call per second we verify (HMACs we compute)
+    check_burst: float = 100.0
+    queue: int = 256  # datagrams waiting for aiortc's DTLS reader (the fast path takes SRTP)
+    # ICE-TCP. Memory per connection: tcp_send_buffer + tcp_writer's 2 * WRITE_CHUNK + one
+    # frame being read; max_tcp_connections of them per port.
+    tcp_send_buffer: int = DEFAULT_LIMIT  # bytes queued towards a slow reader, then drops
+    max_tcp_connections: int = 512  # per port (a call has one or two)
+    # Per source address: a whole office behind one NAT (where UDP is blocked, the very
+    # case TCP is for) shares one, so this is a bound on one host, not one caller.
+    max_tcp_per_address: int = 32
+    tcp_first_check_timeout: float = 10.0  # accepted -> first valid check, else closed
+    tcp_max_frame: int = MAX_DATAGRAM  # a longer RFC 4571 frame cannot be media: closed
+
+    def __post_init__(self) -> None:
+        if min(self.consent_timeout, self.connect_timeout, self.tcp_first_check_timeout,
+               self.check_rate, self.check_burst) <= 0:
+            raise ValueError("timeouts and check rates must be > 0")
+        if min(self.max_calls, self.max_paths, self.queue, self.max_tcp_connections,
+               self.max_tcp_per_address) < 1:
+            raise ValueError("counts and caps must be >= 1")
+        if not MIN_LIMIT <= self.tcp_send_buffer <= MAX_LIMIT:
+            raise ValueError(f"tcp_send_buffer must be {MIN_LIMIT}..{MAX_LIMIT} bytes")
+        if not 20 <= self.tcp_max_frame <= 0xFFFF:  # a STUN header .. RFC 4571's LENGTH
+            raise ValueError("tcp_max_frame must be 20..65535 bytes")
 
 
 @dataclass
 class PortCounters:
-    """Per port since it opened (the worker adds them to its /metrics stats)."""
+    """This edge's counters since the port opened (the agent has its own)."""
 
-    checks: int = 0  # valid checks answered
-    refused: dict[str, int] = field(default_factory=dict)  # STUN refused, by reason
-    unknown_source: int = 0  # non-STUN from an address no valid check came from
-    oversized: int = 0
-    consent_failures: int = 0
-    connect_failures: int = 0  # never nominated within connect_timeout
-    queue_drops: int = 0  # aiortc's reader was behind
-    send_errors: int = 0
+    no_nomination: int = 0  # calls never nominated within connect_timeout
+    rx_queue_drops: int = 0  # aiortc's DTLS reader was behind
+    udp_oversized: int = 0  # empty, or over MAX_DATAGRAM
+    udp_send_errors: int = 0  # full socket buffer, or an ICMP error surfacing
+    tcp_accepted: int = 0
+    tcp_refused: int = 0  # over max_tcp_connections or max_tcp_per_address
+    tcp_not_ice: int = 0  # closed: first frame not a Binding request, or a frame too long
+    tcp_first_check_timeouts: int = 0  # closed: no valid check within the first deadline
+    tcp_idle_timeouts: int = 0  # closed: no valid check for consent_timeout
+    tcp_frames_dropped: int = 0  # not sent: the reader was behind, or the connection gone
 
 
-class SelectedPair:
-    """A call's selected path. `protocol.transport` and `remote_addr` are what SrtpFastPath
-    reads of an aioice CandidatePair today (its DirectSender dups the socket)."""
+def _normalise(ip: str) -> str:
+    """An IPv4 peer as itself: a dual-stack socket reports it as ::ffff:a.b.c.d, but the
+    browser knows its address as a.b.c.d (XOR-MAPPED-ADDRESS), and so must its path."""
+    return ip[7:] if ip.startswith("::ffff:") and "." in ip else ip
 
-    __slots__ = ("protocol", "remote_addr")
 
-    def __init__(self, protocol: SharedUdpPort, remote_addr: Addr) -> None:
-        self.protocol = protocol
-        self.remote_addr = remote_addr
+class UdpPair:
+    """A call's selected pair on UDP: what LiteConnection and SrtpFastPath send with."""
+
+    __slots__ = ("_dest", "_socket", "path", "remote_addr")
+
+    def __init__(self, sock: SharedUdpPort, dest: tuple[Any, ...], path: Path) -> None:
+        self._socket = sock
+        self._dest = dest  # as the kernel reported it (a dual-stack socket wants ::ffff:)
+        self.path = path
+        self.remote_addr: Addr = (path[1], path[2])
 
     def send(self, data: bytes) -> None:
-        self.protocol.sendto(data, self.remote_addr)
+        self._socket.sendto(data, self._dest)
+
+
+class TcpPair:
+    """A call's selected pair on an ICE-TCP connection: `send` frames (RFC 4571) through
+    the connection's bounded writer, and drops (counted) once the connection is gone."""
+
+    __slots__ = ("_conn", "path", "remote_addr")
+
+    def __init__(self, conn: IceTcpConnection, path: Path) -> None:
+        self._conn = conn
+        self.path = path
+        self.remote_addr: Addr = (path[1], path[2])
+
+    def send(self, data: bytes) -> None:
+        self._conn.send(data)
+
+
+SelectedPair = UdpPair | TcpPair
 
 
 class SharedUdpPort(asyncio.DatagramProtocol):
-    """The worker's one UDP socket for every call's ICE, DTLS and SRTP."""
+    """One bound address's UDP socket: every call's ICE, DTLS and SRTP on it."""
 
-    def __init__(self, announce: str, tcp_port: int | None, settings: LiteSettings) -> None:
+    def __init__(self, port: WorkerMediaPort, sock: socket.socket, announce: str) -> None:
+        self._port = port
+        self._agent = port._agent
+        self._sock = sock
         self.announce = announce
-        self.tcp_port = tcp_port
-        self.settings = settings
-        self.counters = PortCounters()
-        self._demux = LiteDemux(settings)
-        self._conns: dict[str, LiteConnection] = {}
-        self._sock: socket.socket | None = None
+        self.port = int(sock.getsockname()[1])
         self.transport: asyncio.DatagramTransport | None = None
+
+    def sendto(self, data: bytes, dest: tuple[Any, ...]) -> None:
+        # Straight on the socket: asyncio's transport would queue without bound when the
+        # socket buffer is full; a real-time datagram is dropped instead (counted).
+        try:
+            self._sock.sendto(data, dest)
+        except OSError:
+            self._port.counters.udp_send_errors += 1
+
+    def datagram_received(self, data: bytes | str, addr: tuple[Any, ...]) -> None:
+        port = self._port
+        if not isinstance(data, bytes) or not fits(data):
+            port.counters.udp_oversized += 1
+            return
+        path = udp_path(_normalise(addr[0]), addr[1])
+        out = self._agent.receive(path, data, port._loop.time())
+        if out.media is not None:
+            port._media(out)
+            return
+        if out.reply is not None:
+            self.sendto(out.reply, addr)
+        if out.events:
+            port._on_events(out.events, UdpPair(self, addr, path))
+
+    def error_received(self, exc: Exception) -> None:
+        # An ICMP error for an earlier datagram (a browser gone): consent will tell.
+        self._port.counters.udp_send_errors += 1
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._port._socket_lost()
+
+
+class IceTcpConnection(asyncio.Protocol):
+    """One accepted ICE-TCP connection (RFC 6544, we are passive): RFC 4571 frames in,
+    into the port's LiteAgent on this connection's own path; frames out through a bounded
+    writer. See the module docstring for its deadlines and caps."""
+
+    def __init__(self, port: WorkerMediaPort) -> None:
+        self._port = port
+        self._transport: asyncio.Transport | None = None
+        self._writer: FramedWriter | None = None
+        self._decoder = Decoder(max_buffered=HEADER_BYTES + port.settings.tcp_max_frame)
+        self._peer: Addr = ("?", 0)
+        self.path: Path | None = None  # set once admitted
+        self._pair: TcpPair | None = None
+        self._validated = False
+        self._valid_by = 0.0  # closed unless a valid check comes by then
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
 
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        port = self._port
+        peer = transport.get_extra_info("peername")
+        try:
+            ip, peer_port = _normalise(str(peer[0])), int(peer[1])
+        except (TypeError, IndexError, ValueError):
+            self._closed = True  # not an IP peer: nothing to answer
+            transport.abort()
+            return
+        self._peer = (ip, peer_port)
+        if not port._admit_tcp(self, ip):
+            self._closed = True
+            transport.abort()  # RST: no state kept, nothing lingers
+            return
+        _with_nodelay(transport)
+        self.path = tcp_path(ip, peer_port, next(port._tcp_ids))
+        self._pair = TcpPair(self, self.path)
+        self._writer = FramedWriter(transport, port.settings.tcp_send_buffer)
+        now = port._loop.time()
+        self._valid_by = now + port.settings.tcp_first_check_timeout
+        self._timer = port._loop.call_at(self._valid_by, self._deadline)
+
+    def data_received(self, data: bytes) -> None:
+        if self._closed or self.path is None:
+            return
+        port = self._port
+        try:
+            frames = self._decoder.feed(data)
+        except FramingError as exc:
+            port.counters.tcp_not_ice += 1
+            _tcp_not_ice.note(port._loop.time(), self._peer, str(exc))
+            self.close()
+            return
+        agent = port._agent
+        for frame in frames:
+            if self.path is None:  # closed meanwhile (the port closed)
+                return
+            now = port._loop.time()
+            out = agent.receive(self.path, frame, now)
+            if out.media is not None:
+                port._media(out)
+                continue
+            if out.reply is not None:
+                self.send(out.reply)
+            if out.session is not None:  # a valid check: answered with a success
+                self._validated = True
+                self._valid_by = now + port.settings.consent_timeout
+            if out.events:
+                assert self._pair is not None
+                port._on_events(out.events, self._pair)
+
+    def send(self, frame: bytes) -> None:
+        """One frame towards the peer; dropped (counted) when the writer has no room."""
+        if self._writer is None or not self._writer.send(frame):
+            self._port.counters.tcp_frames_dropped += 1
+
+    def pause_writing(self) -> None:
+        if self._writer is not None:
+            self._writer.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._writer is not None:
+            self._writer.resume_writing()
+
+    def _deadline(self) -> None:
+        self._timer = None
+        if self._closed:
+            return
+        port = self._port
+        now = port._loop.time()
+        if now < self._valid_by:  # a valid check came since: wait for the new deadline
+            self._timer = port._loop.call_at(self._valid_by, self._deadline)
+            return
+        if self._validated:
+            port.counters.tcp_idle_timeouts += 1
+        else:
+            port.counters.tcp_first_check_timeouts += 1
+        self.close()
+
+    def close(self) -> None:
+        """Abort the connection and forget its path (idempotent)."""
+        if not self._closed:
+            self._closed = True
+            if self._transport is not None:
+                self._transport.abort()
+        self._release()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self._release()
+
+    def _release(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._writer is not None:
+            self._writer.connection_lost()
+        if self.path is not None:
+            self._port._tcp_closed(self)
+            self.path = None
+
+
+def _with_nodelay(transport: asyncio.Transport) -> None:
+    # Media: a frame goes out when written, not when Nagle has gathered more.
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class WorkerMediaPort:
+    """The worker's one UDP and one TCP media port (per configured address) for every
+    call; see the module docstring."""
+
+    def __init__(self, settings: LiteSettings = LiteSettings()) -> None:
+        self.settings = settings
+        self.counters = PortCounters()
+        self._agent = LiteAgent(
+            max_sessions=settings.max_calls, max_paths=settings.max_paths,
+            consent_timeout=settings.consent_timeout, check_rate=settings.check_rate,
+            check_burst=settings.check_burst)
+        self._loop = asyncio.get_running_loop()
+        self._udp: list[SharedUdpPort] = []
+        self._tcp: list[tuple[asyncio.Server, str, int]] = []  # server, announce, port
+        self._tcp_conns: set[IceTcpConnection] = set()
+        self._tcp_per_ip: dict[str, int] = {}
+        self._tcp_ids = itertools.count(1)
+        self._conns: dict[str, LiteConnection] = {}
+        # Connect deadlines: (when, serial, ufrag); stale entries are skipped when due.
+        self._connect_deadlines: list[tuple[float, int, str]] = []
+        self._serials = itertools.count()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._closed = False
+
     @classmethod
-    async def open(cls, bind: str, port: int = 0, *, announce: str | None = None,
-                   tcp_port: int | None = None,
-                   settings: LiteSettings = LiteSettings()) -> SharedUdpPort:
-        """Bind `bind:port`; announce `announce` (behind a 1:1 NAT) or the bound address.
-        `tcp_port`: the worker's ICE-TCP port, announced as a passive candidate (its
-        listener is not part of this spike)."""
-        family = socket.AF_INET6 if ipaddress.ip_address(bind).version == 6 else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_DGRAM)
+    async def open(cls, addresses: Sequence[BindAnnounce], udp_port: int, tcp_port: int,
+                   settings: LiteSettings = LiteSettings()) -> WorkerMediaPort:
+        """Bind `udp_port` (0: an ephemeral one) and, unless `tcp_port` is 0, listen on
+        `tcp_port` on every address's `bind`; announce its `announce`. OSError if a port
+        is taken (nothing stays bound then)."""
+        if not 1 <= len(addresses) <= _MAX_ADDRESSES:
+            raise ValueError(f"1..{_MAX_ADDRESSES} addresses")
+        if not (0 <= udp_port <= 0xFFFF and 0 <= tcp_port <= 0xFFFF):
+            raise ValueError("ports are 0..65535")
+        self = cls(settings)
+        try:
+            for address in addresses:
+                await self._open_udp(address, udp_port)
+                if tcp_port:
+                    await self._open_tcp(address, tcp_port)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    async def _open_udp(self, address: BindAnnounce, port: int) -> None:
+        sock = socket.socket(_family(address.bind), socket.SOCK_DGRAM)
         try:
             sock.setblocking(False)
             for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
                 sock.setsockopt(socket.SOL_SOCKET, option, _SOCKET_BUFFER)
-            sock.bind((bind, port))
+            sock.bind((address.bind, port))
         except OSError:
             sock.close()
             raise
-        self = cls(announce or bind, tcp_port, settings)
-        self._sock = sock
-        loop = asyncio.get_running_loop()
-        await loop.create_datagram_endpoint(lambda: self, sock=sock)
-        self._timer = loop.call_later(settings.tick, self._tick)
-        return self
+        shared = SharedUdpPort(self, sock, address.announce)
+        self._udp.append(shared)
+        await self._loop.create_datagram_endpoint(lambda: shared, sock=sock)
+
+    async def _open_tcp(self, address: BindAnnounce, port: int) -> None:
+        sock = socket.socket(_family(address.bind), socket.SOCK_STREAM)
+        try:
+            # Rebinding after a restart while old connections sit in TIME_WAIT; a live
+            # listener on the port still makes bind fail (Linux: that needs SO_REUSEPORT).
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setblocking(False)
+            sock.bind((address.bind, port))
+            sock.listen(_TCP_BACKLOG)
+        except OSError:
+            sock.close()
+            raise
+        try:
+            server = await self._loop.create_server(lambda: IceTcpConnection(self), sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+        self._tcp.append((server, address.announce, int(sock.getsockname()[1])))
+
+    # -- what the worker reads ------------------------------------------------------------
 
     @property
-    def port(self) -> int:
-        assert self._sock is not None
-        return int(self._sock.getsockname()[1])
+    def udp_port(self) -> int:
+        return self._udp[0].port
+
+    @property
+    def tcp_port(self) -> int:
+        """0 when there is no TCP listener."""
+        return self._tcp[0][2] if self._tcp else 0
 
     @property
     def calls(self) -> int:
         return len(self._conns)
 
-    # -- calls -----------------------------------------------------------------------
+    def stats(self) -> dict[str, int]:
+        """Counters since the port opened, for WorkerStats and /metrics: the agent's
+        (lite.LiteCounters: checks, valid_checks, bad_integrity, unknown_ufrag,
+        unknown_path_drops, consent_lost, checks_over_rate, ...), this edge's
+        (PortCounters: no_nomination, rx_queue_drops, udp_oversized, udp_send_errors,
+        tcp_accepted, tcp_refused, tcp_not_ice, tcp_first_check_timeouts,
+        tcp_idle_timeouts, tcp_frames_dropped; no name is in both), and the gauges `calls`
+        and `tcp_open`."""
+        out = self._agent.counters.as_dict()
+        out.update({f.name: getattr(self.counters, f.name) for f in fields(self.counters)})
+        out["calls"] = len(self._conns)
+        out["tcp_open"] = len(self._tcp_conns)
+        return out
 
-    def connection(self) -> LiteConnection:
-        """A new call's ICE-lite side (random credentials, our candidates)."""
+    def close(self) -> None:
+        """Close every socket and end every call on them ("the media port closed")."""
         if self._closed:
-            raise ConnectionError("the shared port is closed")
-        while True:
-            ufrag = "".join(secrets.choice(_ICE_ALPHABET) for _ in range(_UFRAG_LEN))
-            if not self._demux.has_call(ufrag):
-                break
-        password = "".join(secrets.choice(_ICE_ALPHABET) for _ in range(_PASSWORD_LEN))
-        self._demux.add_call(time.monotonic(), ufrag, password)
-        conn = LiteConnection(self, ufrag, password, self._candidates())
-        self._conns[ufrag] = conn
-        return conn
-
-    def _candidates(self) -> list[Candidate]:
-        udp = Candidate(foundation=candidate_foundation("host", "udp", self.announce),
-                        component=1, transport="udp", priority=candidate_priority(1, "host"),
-                        host=self.announce, port=self.port, type="host")
-        if self.tcp_port is None:
-            return [udp]
-        tcp = Candidate(foundation=candidate_foundation("host", "tcp", self.announce),
-                        component=1, transport="tcp",
-                        priority=candidate_priority(1, "host", TCP_PASSIVE_LOCAL_PREF),
-                        host=self.announce, port=self.tcp_port, type="host", tcptype="passive")
-        return [udp, tcp]
-
-    def set_remote_ufrag(self, ufrag: str, remote: str | None) -> None:
-        self._demux.set_remote_ufrag(ufrag, remote)
-
-    def forget(self, ufrag: str) -> None:
-        self._demux.remove_call(ufrag)
-        self._conns.pop(ufrag, None)
-
-    # -- the socket --------------------------------------------------------------------
-
-    def sendto(self, data: bytes, addr: Addr) -> None:
-        # Straight on the socket: asyncio's transport would queue without bound when the
-        # socket buffer is full; a real-time datagram is dropped instead (counted).
-        if self._sock is None:
             return
-        try:
-            self._sock.sendto(data, addr)
-        except OSError:
-            self.counters.send_errors += 1
-
-    def datagram_received(self, data: bytes | str, addr: tuple[Any, ...]) -> None:
-        if not isinstance(data, bytes) or not fits(data):
-            self.counters.oversized += 1
-            return
-        source = (str(addr[0]), int(addr[1]))  # an IPv6 source is a 4-tuple
-        if data[0] < 4:  # RFC 7983: 0..3 is STUN
-            self._stun(data, source)
-            return
-        ufrag = self._demux.route(source)
-        conn = self._conns.get(ufrag) if ufrag is not None else None
-        if conn is None:
-            self.counters.unknown_source += 1
-            _refused.note(time.monotonic(), source, "not STUN, and no valid check from there")
-            return
-        # Looked up on each datagram: SrtpFastPath replaces it on the instance.
-        conn.data_received(data, 1)
-
-    def _stun(self, data: bytes, source: Addr) -> None:
-        now = time.monotonic()
-        outcome = self._demux.on_stun(now, data, source)
-        if isinstance(outcome, Refused):
-            refused = self.counters.refused
-            refused[outcome.reason] = refused.get(outcome.reason, 0) + 1
-            _refused.note(now, source, f"STUN: {outcome.reason}")
-            return
-        self.counters.checks += 1
-        self.sendto(outcome.reply, source)
-        conn = self._conns.get(outcome.ufrag)
-        if conn is not None and outcome.selected:
-            conn._select(SelectedPair(self, source))
-
-    def error_received(self, exc: Exception) -> None:
-        # An ICMP error for an earlier datagram (a browser gone): consent will tell.
-        self.counters.send_errors += 1
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._shutdown_all("the shared port closed")
-
-    def _tick(self) -> None:
-        now = time.monotonic()
-        for ufrag, reason in self._demux.expired(now):
-            if reason == "consent expired":
-                self.counters.consent_failures += 1
-            else:
-                self.counters.connect_failures += 1
-            conn = self._conns.pop(ufrag, None)
-            if conn is not None:
-                log.info("ICE-lite: call %s released: %s", ufrag, reason)
-                conn._shutdown(reason)
-        _refused.flush(now)
-        if not self._closed:
-            self._timer = asyncio.get_running_loop().call_later(self.settings.tick, self._tick)
-
-    def _shutdown_all(self, reason: str) -> None:
-        for conn in list(self._conns.values()):
-            conn._shutdown(reason)
-        self._conns.clear()
-
-    async def close(self) -> None:
         self._closed = True
         if self._timer is not None:
             self._timer.cancel()
-        self._shutdown_all("the shared port closed")
-        if self.transport is not None:
-            self.transport.close()
+            self._timer = None
+        for ufrag in list(self._conns):
+            self._release(ufrag, "the media port closed")
+        for conn in list(self._tcp_conns):
+            conn.close()
+        for server, _, _ in self._tcp:
+            server.close()
+        for shared in self._udp:
+            if shared.transport is not None:
+                shared.transport.close()
+            else:
+                shared._sock.close()
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+    # -- calls ----------------------------------------------------------------------------
+
+    def connection(self, *, tcp_only: bool = False) -> LiteConnection:
+        """A new call's ICE-lite side: random credentials, this port's candidates (only
+        the TCP ones with `tcp_only`). ConnectionError if the port is closed or full."""
+        if self._closed:
+            raise ConnectionError("the media port is closed")
+        if tcp_only and not self._tcp:
+            raise ValueError("tcp_only, but this port has no TCP listener")
+        while True:
+            creds = new_credentials()
+            try:
+                ufrag = self._agent.register(creds)
+                break
+            except LiteError as exc:
+                if creds.ufrag not in self._agent:  # full, not a (95-bit) coincidence
+                    raise ConnectionError(f"the media port is full: {exc}") from None
+        serial = next(self._serials)
+        conn = LiteConnection(self, creds, self._candidates(tcp_only), serial)
+        self._conns[ufrag] = conn
+        heap = self._connect_deadlines
+        if len(heap) > 2 * len(self._conns) + 64:
+            heap[:] = [e for e in heap if self._connect_pending(e)]
+            heapq.heapify(heap)
+        heapq.heappush(heap, (self._loop.time() + self.settings.connect_timeout, serial, ufrag))
+        self._arm()
+        return conn
+
+    def _candidates(self, tcp_only: bool) -> list[Candidate]:
+        out: list[Candidate] = []
+        if not tcp_only:
+            for i, shared in enumerate(self._udp):
+                out.append(Candidate(
+                    foundation=candidate_foundation("host", "udp", shared.announce),
+                    component=1, transport="udp",
+                    priority=candidate_priority(1, "host", UDP_LOCAL_PREF - i),
+                    host=shared.announce, port=shared.port, type="host"))
+        for i, (_, announce, port) in enumerate(self._tcp):
+            out.append(Candidate(
+                foundation=candidate_foundation("host", "tcp", announce),
+                component=1, transport="tcp",
+                priority=candidate_priority(1, "host", TCP_PASSIVE_LOCAL_PREF - i),
+                host=announce, port=port, type="host", tcptype="passive"))
+        return out
+
+    def _set_remote(self, ufrag: str, remote: Credentials) -> None:
+        self._agent.set_remote(ufrag, remote)  # LiteError if malformed
+
+    def forget(self, ufrag: str) -> None:
+        """The call is closing (LiteConnection.close): its checks go unanswered now."""
+        self._agent.remove(ufrag)
+        self._conns.pop(ufrag, None)
+
+    def _release(self, ufrag: str, reason: str) -> None:
+        self._agent.remove(ufrag)
+        conn = self._conns.pop(ufrag, None)
+        if conn is not None:
+            log.info("ICE-lite: call %s released: %s", ufrag, reason)
+            conn._shutdown(reason)
+
+    # -- what the sockets hand in ---------------------------------------------------------
+
+    def _media(self, out: Received) -> None:
+        conn = self._conns.get(out.session) if out.session is not None else None
+        if conn is not None and out.media is not None:
+            # Looked up on each datagram: SrtpFastPath replaces it on the instance.
+            conn.data_received(out.media, 1)
+
+    def _on_events(self, events: Iterable[Event], pair: SelectedPair) -> None:
+        """The events of one check, which came on `pair.path`: a route-changing event
+        names the path its check came from (LiteAgent), so `pair` is where it points."""
+        for event in events:
+            conn = self._conns.get(event.session)
+            if conn is None:
+                continue
+            if isinstance(event, Nominated) and event.path == pair.path:
+                conn._select(pair, nominated=True)
+            elif (isinstance(event, SelectedPathChanged) and event.path == pair.path
+                  and conn.nominated):
+                # The browser moved, or re-checked after its route's TCP connection closed.
+                conn._select(pair, nominated=True)
+            # PathValidated: the route before nomination; aiortc waits for the nomination.
+        self._arm()  # a first validation scheduled a consent deadline
+
+    def _admit_tcp(self, conn: IceTcpConnection, ip: str) -> bool:
+        s = self.settings
+        now = self._loop.time()
+        if self._closed:
+            return False
+        if (len(self._tcp_conns) >= s.max_tcp_connections
+                or self._tcp_per_ip.get(ip, 0) >= s.max_tcp_per_address):
+            self.counters.tcp_refused += 1
+            _tcp_refused.note(now, (ip, 0), f"{len(self._tcp_conns)} open, "
+                              f"{self._tcp_per_ip.get(ip, 0)} from this address")
+            return False
+        self._tcp_conns.add(conn)
+        self._tcp_per_ip[ip] = self._tcp_per_ip.get(ip, 0) + 1
+        self.counters.tcp_accepted += 1
+        return True
+
+    def _tcp_closed(self, conn: IceTcpConnection) -> None:
+        if conn not in self._tcp_conns:
+            return
+        self._tcp_conns.discard(conn)
+        assert conn.path is not None
+        ip = conn.path[1]
+        left = self._tcp_per_ip.get(ip, 1) - 1
+        if left > 0:
+            self._tcp_per_ip[ip] = left
+        else:
+            self._tcp_per_ip.pop(ip, None)
+        # Its path carries nothing more; a call routed on it waits for its next valid check
+        # (and consent keeps counting). Its pair stays selected and drops, counted: aiortc
+        # treats a send that raises as the end of the transport.
+        self._agent.forget_path(conn.path)
+
+    def _socket_lost(self) -> None:
+        if not self._closed:
+            log.warning("ICE-lite: a media socket closed under the port; closing it")
+            self.close()
+
+    # -- deadlines: the agent's consent and our connect deadlines, one timer --------------
+
+    def _connect_pending(self, entry: tuple[float, int, str]) -> bool:
+        conn = self._conns.get(entry[2])
+        return conn is not None and conn._serial == entry[1] and not conn.nominated
+
+    def _next_deadline(self) -> float | None:
+        heap = self._connect_deadlines
+        while heap and not self._connect_pending(heap[0]):
+            heapq.heappop(heap)
+        consent = self._agent.next_deadline()
+        connect = heap[0][0] if heap else None
+        if consent is None or connect is None:
+            return consent if connect is None else connect
+        return min(consent, connect)
+
+    def _arm(self) -> None:
+        if self._closed:
+            return
+        when = self._next_deadline()
+        if when is None:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            return
+        if self._timer is not None:
+            if self._timer_at <= when:
+                return  # it fires first, does what is due, and re-arms
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = self._loop.call_at(when, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        now = self._loop.time()
+        for event in self._agent.timer(now):
+            if isinstance(event, ConsentLost):
+                self._release(event.session, "consent expired")
+        heap = self._connect_deadlines
+        while heap and heap[0][0] <= now:
+            entry = heapq.heappop(heap)
+            if self._connect_pending(entry):
+                self.counters.no_nomination += 1
+                self._release(entry[2], "no nomination")
+        self._arm()
+
+
+def _family(ip: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ipaddress.ip_address(ip).version == 6 else socket.AF_INET
 
 
 class LiteConnection:
     """One call's ICE-lite side, in the shape of aioice's `Connection` as aiortc uses it
     (see CONNECTION_MEMBERS): no sockets of its own, no checks sent, no consent timer of
-    its own - the shared port answers checks and keeps the deadlines."""
+    its own - the port answers checks and keeps the deadlines."""
 
-    def __init__(self, port: SharedUdpPort, ufrag: str, password: str,
-                 candidates: list[Candidate]) -> None:
+    def __init__(self, port: WorkerMediaPort, creds: Credentials,
+                 candidates: list[Candidate], serial: int) -> None:
         self._port = port
-        self._ufrag = ufrag
-        self._password = password
+        self._creds = creds
         self._candidates = candidates
+        self._serial = serial
         self.ice_controlling = False  # a lite agent is always controlled
         self.remote_is_lite = False
+        self.remote_username: str | None = None
         self.remote_password: str | None = None
-        self._remote_username: str | None = None
         self._remote_candidates: list[Candidate] = []  # kept for getStats-like readers only
         self._gathered = False
         self._nominated: dict[int, SelectedPair] = {}
+        self.nominated = False  # the browser nominated a pair (and may move it since)
         self._rx: deque[bytes] = deque()
         self._rx_waiter: asyncio.Future[None] | None = None
         loop = asyncio.get_running_loop()
@@ -606,27 +702,27 @@ class LiteConnection:
         self.queue_drops = 0
 
     def __repr__(self) -> str:
-        return f"LiteConnection({self._ufrag})"
+        return f"LiteConnection({self._creds.ufrag})"
 
     # -- what RTCIceGatherer reads ------------------------------------------------------
 
     @property
     def local_username(self) -> str:
-        return self._ufrag
+        return self._creds.ufrag
 
     @property
     def local_password(self) -> str:
-        return self._password
+        return self._creds.pwd
 
     def local_parameters(self) -> RTCIceParameters:
         """Replaces the gatherer's getLocalParameters: iceLite makes aiortc's SDP writer
         put `a=ice-lite` at session level in the answer."""
-        return RTCIceParameters(usernameFragment=self._ufrag, password=self._password,
+        return RTCIceParameters(usernameFragment=self._creds.ufrag, password=self._creds.pwd,
                                 iceLite=True)
 
     @property
     def local_candidates(self) -> list[Candidate]:
-        # None before gathering, as aioice: aiortc's __connect starts ICE on the first
+        # Empty before gathering, as aioice: aiortc's __connect starts ICE on the first
         # call that finds candidates, and must not before the answer is set.
         return list(self._candidates) if self._gathered else []
 
@@ -636,29 +732,28 @@ class LiteConnection:
     # -- what RTCIceTransport sets and calls ------------------------------------------------
 
     @property
-    def remote_username(self) -> str | None:
-        return self._remote_username
-
-    @remote_username.setter
-    def remote_username(self, value: str | None) -> None:
-        self._remote_username = value
-        self._port.set_remote_ufrag(self._ufrag, value)
-
-    @property
     def remote_candidates(self) -> list[Candidate]:
         return list(self._remote_candidates)
 
     async def add_remote_candidate(self, candidate: Candidate | None) -> None:
         # A lite agent learns the browser's address from its checks; signalled candidates
         # are never contacted (nor mDNS-resolved). A few are kept for inspection.
-        if candidate is not None and len(self._remote_candidates) < 16:
+        if candidate is not None and len(self._remote_candidates) < _REMOTE_CANDIDATES_KEPT:
             self._remote_candidates.append(candidate)
 
     async def connect(self) -> None:
         """Returns once the browser nominated a pair (USE-CANDIDATE in a valid check);
-        ConnectionError if the connection closes first (the port's connect deadline)."""
+        ConnectionError if the connection closes first (the port's connect deadline) or
+        the offer's ice-ufrag/ice-pwd are malformed."""
         if self.remote_username is None or self.remote_password is None:
             raise ConnectionError("Remote username or password is missing")
+        if self.failure is None:
+            try:
+                # From now on every check must name the browser's ufrag (RFC 8445 7.3).
+                self._port._set_remote(self._creds.ufrag, Credentials(
+                    self.remote_username, self.remote_password))
+            except LiteError:
+                self._port._release(self._creds.ufrag, "malformed remote ICE credentials")
         await asyncio.shield(self._connected)
 
     async def get_event(self) -> ConnectionClosed:
@@ -698,26 +793,29 @@ class LiteConnection:
         pair.send(data)
 
     async def close(self) -> None:
-        self._port.forget(self._ufrag)
+        self._port.forget(self._creds.ufrag)
         self._shutdown("closed")
 
-    # -- what the shared port calls ---------------------------------------------------
+    # -- what the port calls --------------------------------------------------------------
 
     def data_received(self, data: bytes, component: int) -> None:
-        """A datagram from one of this call's addresses. SrtpFastPath wraps this (as it
-        wraps aioice's) and passes on only what is not relayed SRTP."""
+        """A datagram from one of this call's paths. SrtpFastPath wraps this (as it wraps
+        aioice's) and passes on only what is not relayed SRTP."""
         if self.failure is not None:
             return
         if len(self._rx) >= self._port.settings.queue:
             self.queue_drops += 1
-            self._port.counters.queue_drops += 1
+            self._port.counters.rx_queue_drops += 1
             return
         self._rx.append(data)
         if self._rx_waiter is not None and not self._rx_waiter.done():
             self._rx_waiter.set_result(None)
 
-    def _select(self, pair: SelectedPair) -> None:
+    def _select(self, pair: SelectedPair, *, nominated: bool) -> None:
+        if self.failure is not None:
+            return
         self._nominated[1] = pair
+        self.nominated = self.nominated or nominated
         if not self._connected.done():
             self._connected.set_result(None)
 
@@ -747,11 +845,23 @@ def offer_without_candidates(sdp: str) -> str:
                    if not line.startswith("a=candidate:"))
 
 
-async def use_lite_transport(pc: RTCPeerConnection, port: SharedUdpPort
-                             ) -> list[LiteConnection]:
-    """Put `pc`'s ICE on the shared port: call after setRemoteDescription(offer) and before
-    createAnswer/setLocalDescription. One LiteConnection per ICE transport (one with
-    BUNDLE). ValueError if the offer is ICE-lite too (two lite agents cannot connect)."""
+def swap_ice_connection(transport: RTCIceTransport, conn: Any) -> None:
+    """Put `conn` in place of an RTCIceTransport's aioice Connection (and its gatherer's):
+    the one place these private hooks are written."""
+    transport.iceGatherer._connection = conn
+    transport._connection = conn
+    # RTCIceTransport bound these at construction; RTCDtlsTransport calls them.
+    transport._recv = conn.recv
+    transport._send = conn.send
+
+
+async def use_lite_transport(pc: RTCPeerConnection, port: WorkerMediaPort, *,
+                             tcp_only: bool = False) -> list[LiteConnection]:
+    """Put `pc`'s ICE on the worker's media port: call after setRemoteDescription(offer)
+    and before createAnswer/setLocalDescription. One LiteConnection per ICE transport (one
+    with BUNDLE). `tcp_only` (the offer's protocol "TCP"): announce only the TCP
+    candidates. ValueError if the offer is ICE-lite too (two lite agents cannot connect)
+    or `tcp_only` on a port without TCP; ConnectionError if the port is closed or full."""
     if pc.signalingState != "have-remote-offer":
         raise RuntimeError("use_lite_transport needs a remote offer and no answer yet")
     transports = getattr(pc, _ICE_TRANSPORTS_ATTR)
@@ -765,14 +875,9 @@ async def use_lite_transport(pc: RTCPeerConnection, port: SharedUdpPort
             raise RuntimeError("ICE gathering already started on this peer connection")
         if old.ice_controlling:  # aiortc set it from the offer's a=ice-lite
             raise ValueError("the offer is ICE-lite: it cannot connect to an ICE-lite answer")
-        conn = port.connection()
-        gatherer = transport.iceGatherer
-        gatherer._connection = conn
-        gatherer.getLocalParameters = conn.local_parameters
-        transport._connection = conn
-        # RTCIceTransport bound these at construction; RTCDtlsTransport calls them.
-        transport._recv = conn.recv
-        transport._send = conn.send
+        conn = port.connection(tcp_only=tcp_only)
+        swap_ice_connection(transport, conn)
+        transport.iceGatherer.getLocalParameters = conn.local_parameters  # type: ignore
         conns.append(conn)
         await old.close()  # it never gathered: no socket, no task; this drops its state
     return conns
@@ -787,19 +892,17 @@ def _connection_uses(sources: Iterable[str]) -> set[str]:
 
 def check_lite_hooks() -> None:
     """Raise AssertionError if aiortc moved a hook this module relies on, or started using
-    a member of its ICE connection that LiteConnection does not provide."""
+    a member of its ICE connection that LiteConnection does not provide. Needs a running
+    event loop (it builds an RTCPeerConnection)."""
     import aiortc.rtcdtlstransport
     import aiortc.rtcicetransport
     import aiortc.rtcpeerconnection
     from aiortc import RTCConfiguration
 
-    from appliance.edges.rtc_adapter import SrtpFastPath
-
     uses = _connection_uses(inspect.getsource(m) for m in (
         aiortc.rtcicetransport, aiortc.rtcpeerconnection, aiortc.rtcdtlstransport))
-    uses.update(re.findall(r"self\._conn\.(\w+)", inspect.getsource(SrtpFastPath)))
     missing = uses - CONNECTION_MEMBERS
-    assert not missing, f"aiortc or SrtpFastPath use Connection members we lack: {missing}"
+    assert not missing, f"aiortc uses Connection members LiteConnection lacks: {missing}"
     absent = {name for name in CONNECTION_MEMBERS - _INSTANCE_MEMBERS
               if not hasattr(LiteConnection, name)}
     assert not absent, f"LiteConnection lacks {absent}"

@@ -1,7 +1,9 @@
-"""Every use of aiortc's and aioice's private hooks lives here, and only here.
+"""Every use of aiortc's and aioice's private hooks lives here and in lite_transport.py
+(the ICE-lite media port's swap of aiortc's ICE connection), and nowhere else.
 
-aiortc is pinned exactly in pyproject.toml; `check_hooks()` is run by a unit test so that an
-upgrade that moves a hook fails loudly in CI instead of silently in a customer's rack.
+aiortc is pinned exactly in pyproject.toml; `check_hooks()` - which runs lite_transport's
+`check_lite_hooks()` too - is run by a unit test so that an upgrade that moves a hook fails
+loudly in CI instead of silently in a customer's rack.
 
 Why we need hooks at all:
 - aioice gathers host candidates from every interface *except* 127.0.0.1 and binds random
@@ -22,9 +24,11 @@ Why we need hooks at all:
 from __future__ import annotations
 
 import asyncio
+import inspect
 import ipaddress
 import logging
 import random
+import re
 import time
 from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass
@@ -39,6 +43,7 @@ from aiortc.mediastreams import MediaStreamTrack
 from aiortc.rtcdtlstransport import RTCDtlsTransport
 
 from appliance.core.throttle import Tally
+from appliance.edges.lite_transport import CONNECTION_MEMBERS, check_lite_hooks
 from appliance.media.datagrams import DROPS, fits
 from appliance.media.udp_send import DirectSender
 
@@ -257,8 +262,11 @@ class SrtpFastPath:
         self.unprotect_errors = 0  # failed SRTP authentication/replay: not the keyed peer
         self.handler_errors = 0  # authenticated, then a handler could not use it
         self.protect_errors = 0  # too big to protect (a browser's near-MTU packet + our ext)
-        # One direct sender per candidate pair's socket (the nominated pair rarely changes).
+        # One direct sender per aioice candidate pair's socket (the nominated pair rarely
+        # changes); the send function of the pair last used, so a packet costs no lookup.
         self._senders: dict[int, DirectSender] = {}
+        self._last_pair: object = None
+        self._last_send: Callable[[bytes], None] | None = None
         self._detached = False
 
     def _data_received(self, data: bytes, component: int) -> None:
@@ -313,11 +321,25 @@ class SrtpFastPath:
         DROPS.malformed += 1
         _unusable.note(time.monotonic(), self._peer(), f"{type(exc).__name__}: {exc}")
 
-    def _sender(self, protocol: StunProtocol) -> DirectSender:
-        sender = self._senders.get(id(protocol))
-        if sender is None:
-            sender = self._senders[id(protocol)] = DirectSender(protocol.transport)
-        return sender
+    def _send_function(self, pair: Any) -> Callable[[bytes], None]:
+        """How to put one protected packet on the selected pair. The ICE-lite port's pairs
+        send themselves (`pair.send`: a datagram on the shared socket, or an RFC 4571 frame
+        through an ICE-TCP connection's bounded writer); aioice's CandidatePair has no
+        such method, so a dup of its socket sends with one sendto."""
+        if pair is self._last_pair and self._last_send is not None:
+            return self._last_send
+        send = getattr(pair, "send", None)
+        if send is None:
+            sender = self._senders.get(id(pair.protocol))
+            if sender is None:
+                sender = self._senders[id(pair.protocol)] = DirectSender(pair.protocol.transport)
+            addr = pair.remote_addr
+
+            def send(data: bytes, sender: DirectSender = sender, addr: Any = addr) -> None:
+                sender.sendto(data, addr)
+
+        self._last_pair, self._last_send = pair, send
+        return send
 
     def send_rtp(self, packet: bytes) -> None:
         pair = self._conn._nominated.get(1)
@@ -328,7 +350,7 @@ class SrtpFastPath:
         except (pylibsrtp.Error, ValueError) as exc:
             self._protect_failed(exc)
             return
-        self._sender(pair.protocol).sendto(protected, pair.remote_addr)
+        self._send_function(pair)(protected)
         self.sent += 1
 
     def send_rtcp(self, packet: bytes) -> None:
@@ -340,7 +362,7 @@ class SrtpFastPath:
         except (pylibsrtp.Error, ValueError) as exc:
             self._protect_failed(exc)
             return
-        self._sender(pair.protocol).sendto(protected, pair.remote_addr)
+        self._send_function(pair)(protected)
 
     def _protect_failed(self, exc: Exception) -> None:
         self.protect_errors += 1
@@ -353,6 +375,7 @@ class SrtpFastPath:
         for sender in self._senders.values():
             sender.close()
         self._senders.clear()
+        self._last_pair = self._last_send = None
 
 
 def _dtls_transport(pc: RTCPeerConnection) -> RTCDtlsTransport | None:
@@ -429,7 +452,13 @@ DECODERS = DecoderCounter()
 
 
 def check_hooks() -> None:
-    """Raise AssertionError if a private hook this module relies on has moved."""
+    """Raise AssertionError if a private hook this module or lite_transport relies on has
+    moved (needs a running event loop: it builds RTCPeerConnections)."""
+    check_lite_hooks()
+    # The fast path runs on lite_transport's LiteConnection too: every member of the ICE
+    # connection it touches must be one LiteConnection provides.
+    uses = set(re.findall(r"self\._conn\.(\w+)", inspect.getsource(SrtpFastPath)))
+    assert uses <= CONNECTION_MEMBERS, f"SrtpFastPath uses {uses - CONNECTION_MEMBERS}"
     pc = RTCPeerConnection(make_configuration([]))
     try:
         pc.addTransceiver("audio")

@@ -4,6 +4,8 @@ the encoder, and the RFC 7983 first-byte rule that names what a frame holds.
 RFC 6544 carries STUN, DTLS and SRTP/SRTCP over TCP in RFC 4571 frames: a 2-byte
 big-endian LENGTH, then LENGTH bytes. A frame is opaque bytes here; `classify` says what
 the first byte claims it is (the STUN parser and the DTLS/SRTP layers check the rest).
+`classify` is the package's one copy of that rule: the ICE-lite agent demultiplexes UDP
+datagrams and TCP frames by it alike.
 
 Every byte comes from whoever connected to the worker's TCP port, so the decoder bounds
 what it keeps across reads (`max_buffered`), and with `stun_first` refuses a connection

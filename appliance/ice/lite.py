@@ -9,6 +9,8 @@ of a worker and demultiplexes what arrives: STUN by the USERNAME's ufrag, anythi
 (DTLS, SRTP/SRTCP) by the path a session has validated. The edge (sockets, RFC 4571
 deframing) passes in each datagram with its `Path` and `now`, sends the `reply` back on
 the same path, hands `media` to the session's DTLS/SRTP, and asks `route()` where to send.
+What a first byte says a datagram holds (RFC 7983) is `framing.classify`'s, for UDP
+datagrams and TCP frames alike.
 
 Answers, in the order RFC 8489 sections 6.3 and 9.1.3 and RFC 8445 section 7.3 check:
 - not STUN, a STUN response, a method other than Binding: dropped (counted). Binding
@@ -45,7 +47,10 @@ RFC 7675 section 5.1; browsers check about every 5 s); otherwise the session get
 `ConsentLost`, `route()` returns None, and the session answers and delivers nothing more
 until the owner removes it. `next_deadline()` / `timer(now)` drive it.
 
-Bounds: `max_sessions`; `max_paths` per session (a new path over it displaces only one with
+Bounds: `max_sessions`; the checks per session we verify (`check_rate`/`check_burst`: the
+ufrag is plaintext on the wire, so anyone on the path can name a live session and make us
+compute its HMAC; over the rate they are dropped before the HMAC, unanswered and counted);
+`max_paths` per session (a new path over it displaces only one with
 no valid check for a whole consent window, else it is ignored and its checks unanswered); a
 path belongs to one session (a valid check for another session from it is dropped: with a
 spoofed UDP source, one caller's credentials must not take another caller's path); the
@@ -63,6 +68,7 @@ from dataclasses import dataclass, field, fields
 
 from appliance.core.throttle import TokenBucket
 from appliance.ice import stun
+from appliance.ice.framing import FrameKind, classify
 
 # ("udp", remote ip, remote port) or ("tcp", remote ip, remote port, connection id): where
 # a datagram came from, and where its session's packets go. The edge makes them; the agent
@@ -76,6 +82,11 @@ DEFAULT_MAX_PATHS = 8  # a browser's host, srflx and relay candidates, UDP and T
 # one answer; a spoofed flood gets at most this many reflected.
 UNAUTHENTICATED_RATE = 20.0
 UNAUTHENTICATED_BURST = 40.0
+# Checks per session per second whose MESSAGE-INTEGRITY we compute (and burst). A browser
+# checks each candidate pair every 50 ms or so while connecting and then every few seconds;
+# a few pairs at once stay far under this.
+CHECK_RATE = 50.0
+CHECK_BURST = 100.0
 
 # RFC 8839 section 5.4: ice-char is ALPHA / DIGIT / "+" / "/"; ufrag 4..256, pwd 22..256.
 _UFRAG = re.compile(r"[A-Za-z0-9+/]{4,256}")
@@ -183,6 +194,7 @@ class LiteCounters:
     paths_ignored: int = 0  # a new path over max_paths
     path_conflicts: int = 0  # a valid check for one session from another's path
     late_checks: int = 0  # valid checks for a session whose consent was lost
+    checks_over_rate: int = 0  # naming a live session, over its check_rate: not verified
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -194,6 +206,7 @@ class _Session:
     key: bytes  # the short-term key: our password (RFC 8489 section 9.1.1)
     remote: Credentials | None
     serial: int  # tells this session's deadline entries from a removed namesake's
+    bucket: TokenBucket  # the checks of this session we verify
     paths: dict[Path, float] = field(default_factory=dict)  # -> time of its last valid check
     route: Path | None = None
     validated: bool = False
@@ -210,9 +223,13 @@ class LiteAgent:
         consent_timeout: float = CONSENT_TIMEOUT,
         unauthenticated_rate: float = UNAUTHENTICATED_RATE,
         unauthenticated_burst: float = UNAUTHENTICATED_BURST,
+        check_rate: float = CHECK_RATE, check_burst: float = CHECK_BURST,
     ) -> None:
         if max_sessions < 1 or max_paths < 1 or consent_timeout <= 0:
             raise ValueError("need max_sessions >= 1, max_paths >= 1, consent_timeout > 0")
+        TokenBucket(check_rate, check_burst)  # refuses a bad rate now, not at a session
+        self.check_rate = check_rate
+        self.check_burst = check_burst
         self.max_sessions = max_sessions
         self.max_paths = max_paths
         self.consent_timeout = consent_timeout
@@ -238,7 +255,8 @@ class LiteAgent:
         if len(self._sessions) >= self.max_sessions:
             raise LiteError(f"already {self.max_sessions} sessions")
         self._sessions[local.ufrag] = _Session(
-            local, local.pwd.encode("ascii"), remote, next(self._serials))
+            local, local.pwd.encode("ascii"), remote, next(self._serials),
+            TokenBucket(self.check_rate, self.check_burst))
         return local.ufrag
 
     def set_remote(self, session: str, remote: Credentials) -> None:
@@ -288,20 +306,17 @@ class LiteAgent:
 
     def receive(self, path: Path, data: bytes, now: float) -> Received:
         """One datagram (or one RFC 4571 frame) from `path`."""
-        if not data:
+        kind = classify(data)
+        if kind is FrameKind.STUN:
+            return self._stun(path, data, now)
+        if kind is FrameKind.GARBAGE:  # empty, or a range we do not speak
             self.counters.not_media += 1
             return _NOTHING
-        first = data[0]
-        if first <= 3:  # RFC 7983: STUN
-            return self._stun(path, data, now)
-        if 20 <= first <= 63 or 128 <= first <= 191:  # DTLS, RTP/RTCP
-            ufrag = self._by_path.get(path)
-            if ufrag is None:
-                self.counters.unknown_path_drops += 1
-                return _NOTHING
-            return Received(session=ufrag, media=data)
-        self.counters.not_media += 1
-        return _NOTHING
+        ufrag = self._by_path.get(path)  # DTLS, SRTP/SRTCP
+        if ufrag is None:
+            self.counters.unknown_path_drops += 1
+            return _NOTHING
+        return Received(session=ufrag, media=data)
 
     def _stun(self, path: Path, data: bytes, now: float) -> Received:
         c = self.counters
@@ -331,6 +346,10 @@ class LiteAgent:
         if s is None or (s.remote is not None and theirs != s.remote.ufrag):
             c.unknown_ufrag += 1
             return self._unauthenticated_answer(msg, 401, "Unauthenticated", now)
+        if not s.bucket.take(now):
+            # Before the HMAC: that is the cost a stranger who read the ufrag can make us pay.
+            c.checks_over_rate += 1
+            return _NOTHING
         if not msg.check_integrity(s.key):
             c.bad_integrity += 1
             return self._unauthenticated_answer(msg, 401, "Unauthenticated", now)

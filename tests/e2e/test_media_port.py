@@ -36,7 +36,6 @@ import pytest
 from aioice import stun
 
 from appliance.core import config
-from appliance.core import protocol as p
 from appliance.edges import bus
 from appliance.edges.lite_transport import WorkerMediaPort
 from appliance.edges.rtc_adapter import HostAddress
@@ -354,11 +353,8 @@ async def test_a_browser_that_closes_its_media_ends_the_leg(
 
 
 async def offer_over_tcp(client: MediaServerClient) -> Call:
-    """An offer with `protocol: "TCP"` (PROTOCOL.md). The SDK has no argument for it yet,
-    so the offer is built here and placed through the SDK's own call setup."""
-    offer = p.Offer(caller=5678, callee=9333, userdata=USERDATA, module="User",
-                    audio="PCMU", protocol="TCP")
-    return await client._start_call(offer, 0, None, None, None, None)
+    """An offer with `protocol: "TCP"` (PROTOCOL.md)."""
+    return await client.make_video_call(5678, 9333, USERDATA, medium=0, transport="TCP")
 
 
 def sdp_value(sdp: str, key: str) -> str:

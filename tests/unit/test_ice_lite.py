@@ -154,7 +154,8 @@ def test_sessions_are_bounded_and_unique() -> None:
 
 
 def test_bad_agent_limits_are_refused() -> None:
-    for kwargs in ({"max_sessions": 0}, {"max_paths": 0}, {"consent_timeout": 0}):
+    for kwargs in ({"max_sessions": 0}, {"max_paths": 0}, {"consent_timeout": 0},
+                   {"check_rate": 0}, {"check_burst": 0.5}):
         with pytest.raises(ValueError):
             LiteAgent(**kwargs)  # type: ignore[arg-type]
 
@@ -394,6 +395,26 @@ def test_unauthenticated_answers_are_rate_limited() -> None:
     # Authenticated answers are not limited by it.
     good = check()
     assert_success(agent.receive(A, good, 2.0), good, A)
+
+
+def test_checks_per_session_are_rate_limited_before_the_hmac() -> None:
+    agent = LiteAgent(check_rate=2.0, check_burst=3.0)
+    agent.register(OURS, THEIRS)
+    other = new_credentials()
+    agent.register(other)
+    good, forged = check(), check(key=b"wrong")
+    # Whoever read the ufrag off the wire spends the session's burst, valid or not...
+    outs = [agent.receive(A, forged, 0.0) for _ in range(2)] + [
+        agent.receive(A, good, 0.0) for _ in range(3)]
+    assert agent.counters.bad_integrity == 2 and agent.counters.valid_checks == 1
+    assert agent.counters.checks_over_rate == 2
+    assert outs[3] == outs[4] == Received()  # over the rate: dropped, unanswered
+    # ...but not another session's, and the bucket refills at check_rate.
+    theirs = check(ours=other)
+    assert_success(agent.receive(C, theirs, 0.0), theirs, C, other)
+    assert_success(agent.receive(A, good, 0.5), good, A)
+    assert agent.receive(A, good, 0.5) == Received()
+    assert agent.counters.checks_over_rate == 3
 
 
 # -- bounds on paths ----------------------------------------------------------------------
