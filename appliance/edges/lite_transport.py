@@ -43,7 +43,7 @@ import socket
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from aioice import Candidate, ConnectionClosed
 from aioice.candidate import candidate_foundation, candidate_priority
@@ -263,8 +263,9 @@ class IceTcpConnection(asyncio.Protocol):
         self._closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # A stream transport: asyncio's, or uvloop's in a worker (which is no subclass of
+        # asyncio.Transport but has its interface), so no isinstance check here.
+        self._transport = cast(asyncio.Transport, transport)
         port = self._port
         peer = transport.get_extra_info("peername")
         try:
