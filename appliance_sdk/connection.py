@@ -121,7 +121,9 @@ class MediaServerClient:
         self.closed = False
         self._session = session
         self._ws = ws
-        self._policy = CandidatePolicy.from_strings(list(host_addresses))
+        # relay: a TURN server in ice_servers gives each call a relayed candidate too, for
+        # networks that let no UDP reach the appliance.
+        self._policy = CandidatePolicy.from_strings(list(host_addresses), relay=True)
         self._ice_servers: list[dict[str, Any]] | None
         if isinstance(ice_servers, str):
             if ice_servers != APPLIANCE or ice_servers_url is None:
@@ -149,9 +151,10 @@ class MediaServerClient:
 
         TLS verification is off by default because the appliance ships a self-signed
         certificate; pass ssl_verify=True (and cafile for a private CA) in production.
-        host_addresses are the only addresses ICE announces; ice_servers are
+        host_addresses are the only host addresses ICE announces; ice_servers are
         {"urls", "username", "credential"} dicts (none: no STUN/TURN traffic at all), or
-        "appliance": what the appliance gives its pages (`fetch_ice_servers`), per call.
+        "appliance": what the appliance gives its pages (`fetch_ice_servers`), per call. A
+        TURN server among them adds a relayed candidate to each call's offer.
         """
         if not url.startswith(("ws://", "wss://")):
             raise ValueError(f"media server URL must be ws:// or wss://, not {url!r}")

@@ -11,13 +11,12 @@ What this module owns - the I/O edge and the aiortc glue; the ICE logic is LiteA
   the fast path send on; ConsentLost ends the call with `failure = "consent expired"`; no
   nomination within `connect_timeout` ends it with "no nomination". The agent's consent
   deadlines and ours share one `loop.call_at`, armed on the earliest (no tick).
-- ICE-TCP, RFC 6544's passive side (`IceTcpConnection`): per accepted connection an RFC
-  4571 `Decoder` that closes the connection on a first frame that is not a STUN Binding
-  request, a deadline for the first valid check (slowloris) and, once checked, for consent
-  (a connection with no valid check for `consent_timeout` is closed), caps per port and per
-  source address, `forget_path` when it closes, and a bounded `FramedWriter` for everything
-  sent on it - STUN answers, DTLS, SRTP - so a reader that stops reading costs its own call
-  dropped frames (counted), never the worker a blocked loop or unbounded memory.
+- The UDP side (`SharedUdpPort`, `UdpPair`): one socket per address, sent on directly
+  (a full socket buffer drops a datagram, counted; asyncio would queue without bound).
+- ICE-TCP, RFC 6544's passive side, is its own module (ice_tcp.py: `IceTcpEdge`, its
+  connections' caps, deadlines and bounded writers, `TcpPair`). The port owns one edge
+  and shares its agent with it; what the agent makes of a frame comes back to the port's
+  `_media` and `_on_events`, as from a datagram.
 - `LiteConnection`: stands in for aioice's `Connection` under aiortc's RTCIceGatherer and
   RTCIceTransport; `use_lite_transport(pc, port)` swaps it in after setRemoteDescription.
   Its selected pair (`UdpPair` or `TcpPair`) has `send(data)`: a TCP pair frames, so the
@@ -32,7 +31,6 @@ rtc_adapter.check_hooks() runs it. Nothing here is the worker's default transpor
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import heapq
 import inspect
 import ipaddress
@@ -43,15 +41,14 @@ import socket
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 from aioice import Candidate, ConnectionClosed
 from aioice.candidate import candidate_foundation, candidate_priority
 from aiortc import RTCPeerConnection
 from aiortc.rtcicetransport import RTCIceParameters, RTCIceTransport
 
-from appliance.core.throttle import Tally
-from appliance.ice.framing import HEADER_BYTES, Decoder, FramingError
+from appliance.edges.ice_tcp import IceTcpEdge, TcpPair, TcpSettings
 from appliance.ice.lite import (
     ConsentLost,
     Credentials,
@@ -63,11 +60,9 @@ from appliance.ice.lite import (
     Received,
     SelectedPathChanged,
     new_credentials,
-    tcp_path,
     udp_path,
 )
-from appliance.ice.tcp_writer import DEFAULT_LIMIT, MAX_LIMIT, MIN_LIMIT, FramedWriter
-from appliance.media.datagrams import MAX_DATAGRAM, fits
+from appliance.media.datagrams import fits
 
 log = logging.getLogger("appliance.rtc")
 
@@ -81,7 +76,6 @@ TCP_PASSIVE_LOCAL_PREF = (1 << 13) * 4 + 8191
 _MAX_ADDRESSES = 16  # a worker announces one address per family, maybe a few more
 _ICE_TRANSPORTS_ATTR = "_RTCPeerConnection__iceTransports"
 _SOCKET_BUFFER = 1 << 20  # every call's packets share one UDP socket's buffers
-_TCP_BACKLOG = 128
 _REMOTE_CANDIDATES_KEPT = 16
 
 # What aiortc (rtcicetransport, rtcpeerconnection, rtcdtlstransport) and rtc_adapter's
@@ -96,10 +90,6 @@ CONNECTION_MEMBERS = frozenset({
 _INSTANCE_MEMBERS = frozenset({"ice_controlling", "remote_is_lite", "remote_username",
                                "remote_password", "_nominated"})
 
-_tcp_refused = Tally(log, "ICE-TCP connections refused (over max_tcp_connections or "
-                          "max_tcp_per_address)")
-_tcp_not_ice = Tally(log, "ICE-TCP connections closed: not RFC 4571 ICE")
-
 
 class BindAnnounce(Protocol):
     """Where to bind and what to announce: rtc_adapter.HostAddress (not imported here, so
@@ -112,6 +102,9 @@ class BindAnnounce(Protocol):
     def announce(self) -> str: ...
 
 
+_TCP_DEFAULTS = TcpSettings()
+
+
 @dataclass(frozen=True)
 class LiteSettings:
     consent_timeout: float = 30.0  # RFC 7675: no valid check on the selected path
@@ -121,48 +114,41 @@ class LiteSettings:
     check_rate: float = 50.0  # checks per call per second we verify (HMACs we compute)
     check_burst: float = 100.0
     queue: int = 256  # datagrams waiting for aiortc's DTLS reader (the fast path takes SRTP)
-    # ICE-TCP. Memory per connection: tcp_send_buffer + tcp_writer's 2 * WRITE_CHUNK + one
-    # frame being read; max_tcp_connections of them per port.
-    tcp_send_buffer: int = DEFAULT_LIMIT  # bytes queued towards a slow reader, then drops
-    max_tcp_connections: int = 512  # per port (a call has one or two)
-    # Per source address: a whole office behind one NAT (where UDP is blocked, the very
-    # case TCP is for) shares one, so this is a bound on one host, not one caller.
-    max_tcp_per_address: int = 32
-    tcp_first_check_timeout: float = 10.0  # accepted -> first valid check, else closed
-    tcp_max_frame: int = MAX_DATAGRAM  # a longer RFC 4571 frame cannot be media: closed
+    # ICE-TCP: ice_tcp.TcpSettings' fields, its defaults and its bounds (and consent_timeout).
+    tcp_send_buffer: int = _TCP_DEFAULTS.tcp_send_buffer
+    max_tcp_connections: int = _TCP_DEFAULTS.max_tcp_connections
+    max_tcp_per_address: int = _TCP_DEFAULTS.max_tcp_per_address
+    tcp_first_check_timeout: float = _TCP_DEFAULTS.tcp_first_check_timeout
+    tcp_max_frame: int = _TCP_DEFAULTS.tcp_max_frame
 
     def __post_init__(self) -> None:
-        if min(self.consent_timeout, self.connect_timeout, self.tcp_first_check_timeout,
-               self.check_rate, self.check_burst) <= 0:
+        if min(self.consent_timeout, self.connect_timeout, self.check_rate,
+               self.check_burst) <= 0:
             raise ValueError("timeouts and check rates must be > 0")
-        if min(self.max_calls, self.max_paths, self.queue, self.max_tcp_connections,
-               self.max_tcp_per_address) < 1:
+        if min(self.max_calls, self.max_paths, self.queue) < 1:
             raise ValueError("counts and caps must be >= 1")
-        if not MIN_LIMIT <= self.tcp_send_buffer <= MAX_LIMIT:
-            raise ValueError(f"tcp_send_buffer must be {MIN_LIMIT}..{MAX_LIMIT} bytes")
-        if not 20 <= self.tcp_max_frame <= 0xFFFF:  # a STUN header .. RFC 4571's LENGTH
-            raise ValueError("tcp_max_frame must be 20..65535 bytes")
+        self.tcp()  # ValueError if a TCP bound is out of range
+
+    def tcp(self) -> TcpSettings:
+        """The ICE-TCP edge's share of these settings."""
+        return TcpSettings(**{f.name: getattr(self, f.name) for f in fields(TcpSettings)})
 
 
 @dataclass
 class PortCounters:
-    """This edge's counters since the port opened (the agent has its own)."""
+    """The port's own counters since it opened (the agent and the TCP edge have theirs)."""
 
     no_nomination: int = 0  # calls never nominated within connect_timeout
     rx_queue_drops: int = 0  # aiortc's DTLS reader was behind
     udp_oversized: int = 0  # empty, or over MAX_DATAGRAM
     udp_send_errors: int = 0  # full socket buffer, or an ICMP error surfacing
-    tcp_accepted: int = 0
-    tcp_refused: int = 0  # over max_tcp_connections or max_tcp_per_address
-    tcp_not_ice: int = 0  # closed: first frame not a Binding request, or a frame too long
-    tcp_first_check_timeouts: int = 0  # closed: no valid check within the first deadline
-    tcp_idle_timeouts: int = 0  # closed: no valid check for consent_timeout
-    tcp_frames_dropped: int = 0  # not sent: the reader was behind, or the connection gone
 
 
 def _normalise(ip: str) -> str:
     """An IPv4 peer as itself: a dual-stack socket reports it as ::ffff:a.b.c.d, but the
-    browser knows its address as a.b.c.d (XOR-MAPPED-ADDRESS), and so must its path."""
+    browser knows its address as a.b.c.d (XOR-MAPPED-ADDRESS), and so must its path. Per
+    datagram, so a string test, not netaddr.normal_ip (which ice_tcp uses per connection:
+    its cache would churn under spoofed sources)."""
     return ip[7:] if ip.startswith("::ffff:") and "." in ip else ip
 
 
@@ -179,21 +165,6 @@ class UdpPair:
 
     def send(self, data: bytes) -> None:
         self._socket.sendto(data, self._dest)
-
-
-class TcpPair:
-    """A call's selected pair on an ICE-TCP connection: `send` frames (RFC 4571) through
-    the connection's bounded writer, and drops (counted) once the connection is gone."""
-
-    __slots__ = ("_conn", "path", "remote_addr")
-
-    def __init__(self, conn: IceTcpConnection, path: Path) -> None:
-        self._conn = conn
-        self.path = path
-        self.remote_addr: Addr = (path[1], path[2])
-
-    def send(self, data: bytes) -> None:
-        self._conn.send(data)
 
 
 SelectedPair = UdpPair | TcpPair
@@ -244,137 +215,6 @@ class SharedUdpPort(asyncio.DatagramProtocol):
         self._port._socket_lost()
 
 
-class IceTcpConnection(asyncio.Protocol):
-    """One accepted ICE-TCP connection (RFC 6544, we are passive): RFC 4571 frames in,
-    into the port's LiteAgent on this connection's own path; frames out through a bounded
-    writer. See the module docstring for its deadlines and caps."""
-
-    def __init__(self, port: WorkerMediaPort) -> None:
-        self._port = port
-        self._transport: asyncio.Transport | None = None
-        self._writer: FramedWriter | None = None
-        self._decoder = Decoder(max_buffered=HEADER_BYTES + port.settings.tcp_max_frame)
-        self._peer: Addr = ("?", 0)
-        self.path: Path | None = None  # set once admitted
-        self._pair: TcpPair | None = None
-        self._validated = False
-        self._valid_by = 0.0  # closed unless a valid check comes by then
-        self._timer: asyncio.TimerHandle | None = None
-        self._closed = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # A stream transport: asyncio's, or uvloop's in a worker (which is no subclass of
-        # asyncio.Transport but has its interface), so no isinstance check here.
-        self._transport = cast(asyncio.Transport, transport)
-        port = self._port
-        peer = transport.get_extra_info("peername")
-        try:
-            ip, peer_port = _normalise(str(peer[0])), int(peer[1])
-        except (TypeError, IndexError, ValueError):
-            self._closed = True  # not an IP peer: nothing to answer
-            transport.abort()
-            return
-        self._peer = (ip, peer_port)
-        if not port._admit_tcp(self, ip):
-            self._closed = True
-            transport.abort()  # RST: no state kept, nothing lingers
-            return
-        _with_nodelay(transport)
-        self.path = tcp_path(ip, peer_port, next(port._tcp_ids))
-        self._pair = TcpPair(self, self.path)
-        self._writer = FramedWriter(transport, port.settings.tcp_send_buffer)
-        now = port._loop.time()
-        self._valid_by = now + port.settings.tcp_first_check_timeout
-        self._timer = port._loop.call_at(self._valid_by, self._deadline)
-
-    def data_received(self, data: bytes) -> None:
-        if self._closed or self.path is None:
-            return
-        port = self._port
-        try:
-            frames = self._decoder.feed(data)
-        except FramingError as exc:
-            port.counters.tcp_not_ice += 1
-            _tcp_not_ice.note(port._loop.time(), self._peer, str(exc))
-            self.close()
-            return
-        agent = port._agent
-        for frame in frames:
-            if self.path is None:  # closed meanwhile (the port closed)
-                return
-            now = port._loop.time()
-            out = agent.receive(self.path, frame, now)
-            if out.media is not None:
-                port._media(out)
-                continue
-            if out.reply is not None:
-                self.send(out.reply)
-            if out.session is not None:  # a valid check: answered with a success
-                self._validated = True
-                self._valid_by = now + port.settings.consent_timeout
-            if out.events:
-                assert self._pair is not None
-                port._on_events(out.events, self._pair)
-
-    def send(self, frame: bytes) -> None:
-        """One frame towards the peer; dropped (counted) when the writer has no room."""
-        if self._writer is None or not self._writer.send(frame):
-            self._port.counters.tcp_frames_dropped += 1
-
-    def pause_writing(self) -> None:
-        if self._writer is not None:
-            self._writer.pause_writing()
-
-    def resume_writing(self) -> None:
-        if self._writer is not None:
-            self._writer.resume_writing()
-
-    def _deadline(self) -> None:
-        self._timer = None
-        if self._closed:
-            return
-        port = self._port
-        now = port._loop.time()
-        if now < self._valid_by:  # a valid check came since: wait for the new deadline
-            self._timer = port._loop.call_at(self._valid_by, self._deadline)
-            return
-        if self._validated:
-            port.counters.tcp_idle_timeouts += 1
-        else:
-            port.counters.tcp_first_check_timeouts += 1
-        self.close()
-
-    def close(self) -> None:
-        """Abort the connection and forget its path (idempotent)."""
-        if not self._closed:
-            self._closed = True
-            if self._transport is not None:
-                self._transport.abort()
-        self._release()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._closed = True
-        self._release()
-
-    def _release(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._writer is not None:
-            self._writer.connection_lost()
-        if self.path is not None:
-            self._port._tcp_closed(self)
-            self.path = None
-
-
-def _with_nodelay(transport: asyncio.Transport) -> None:
-    # Media: a frame goes out when written, not when Nagle has gathered more.
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
 class WorkerMediaPort:
     """The worker's one UDP and one TCP media port (per configured address) for every
     call; see the module docstring."""
@@ -388,10 +228,7 @@ class WorkerMediaPort:
             check_burst=settings.check_burst)
         self._loop = asyncio.get_running_loop()
         self._udp: list[SharedUdpPort] = []
-        self._tcp: list[tuple[asyncio.Server, str, int]] = []  # server, announce, port
-        self._tcp_conns: set[IceTcpConnection] = set()
-        self._tcp_per_ip: dict[str, int] = {}
-        self._tcp_ids = itertools.count(1)
+        self._tcp = IceTcpEdge(self._agent, settings.tcp(), self._media, self._on_events)
         self._conns: dict[str, LiteConnection] = {}
         # Connect deadlines: (when, serial, ufrag); stale entries are skipped when due.
         self._connect_deadlines: list[tuple[float, int, str]] = []
@@ -415,7 +252,7 @@ class WorkerMediaPort:
             for address in addresses:
                 await self._open_udp(address, udp_port)
                 if tcp_port:
-                    await self._open_tcp(address, tcp_port)
+                    await self._tcp.listen(address.bind, address.announce, tcp_port)
         except BaseException:
             self.close()
             raise
@@ -435,25 +272,6 @@ class WorkerMediaPort:
         self._udp.append(shared)
         await self._loop.create_datagram_endpoint(lambda: shared, sock=sock)
 
-    async def _open_tcp(self, address: BindAnnounce, port: int) -> None:
-        sock = socket.socket(_family(address.bind), socket.SOCK_STREAM)
-        try:
-            # Rebinding after a restart while old connections sit in TIME_WAIT; a live
-            # listener on the port still makes bind fail (Linux: that needs SO_REUSEPORT).
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setblocking(False)
-            sock.bind((address.bind, port))
-            sock.listen(_TCP_BACKLOG)
-        except OSError:
-            sock.close()
-            raise
-        try:
-            server = await self._loop.create_server(lambda: IceTcpConnection(self), sock=sock)
-        except BaseException:
-            sock.close()
-            raise
-        self._tcp.append((server, address.announce, int(sock.getsockname()[1])))
-
     # -- what the worker reads ------------------------------------------------------------
 
     @property
@@ -463,7 +281,8 @@ class WorkerMediaPort:
     @property
     def tcp_port(self) -> int:
         """0 when there is no TCP listener."""
-        return self._tcp[0][2] if self._tcp else 0
+        listeners = self._tcp.listeners
+        return listeners[0][1] if listeners else 0
 
     @property
     def calls(self) -> int:
@@ -473,14 +292,15 @@ class WorkerMediaPort:
         """Counters since the port opened, for WorkerStats and /metrics: the agent's
         (lite.LiteCounters: checks, valid_checks, bad_integrity, unknown_ufrag,
         unknown_path_drops, consent_lost, checks_over_rate, ...), this edge's
-        (PortCounters: no_nomination, rx_queue_drops, udp_oversized, udp_send_errors,
-        tcp_accepted, tcp_refused, tcp_not_ice, tcp_first_check_timeouts,
-        tcp_idle_timeouts, tcp_frames_dropped; no name is in both), and the gauges `calls`
-        and `tcp_open`."""
+        (PortCounters: no_nomination, rx_queue_drops, udp_oversized, udp_send_errors), the
+        TCP edge's (ice_tcp.TcpCounters: tcp_accepted, tcp_refused, tcp_not_ice,
+        tcp_first_check_timeouts, tcp_idle_timeouts, tcp_frames_dropped; no name is in two),
+        and the gauges `calls` and `tcp_open`."""
         out = self._agent.counters.as_dict()
-        out.update({f.name: getattr(self.counters, f.name) for f in fields(self.counters)})
+        for counters in (self.counters, self._tcp.counters):
+            out.update({f.name: getattr(counters, f.name) for f in fields(counters)})
         out["calls"] = len(self._conns)
-        out["tcp_open"] = len(self._tcp_conns)
+        out["tcp_open"] = self._tcp.open_connections
         return out
 
     def close(self) -> None:
@@ -493,10 +313,7 @@ class WorkerMediaPort:
             self._timer = None
         for ufrag in list(self._conns):
             self._release(ufrag, "the media port closed")
-        for conn in list(self._tcp_conns):
-            conn.close()
-        for server, _, _ in self._tcp:
-            server.close()
+        self._tcp.close()
         for shared in self._udp:
             if shared.transport is not None:
                 shared.transport.close()
@@ -510,7 +327,7 @@ class WorkerMediaPort:
         the TCP ones with `tcp_only`). ConnectionError if the port is closed or full."""
         if self._closed:
             raise ConnectionError("the media port is closed")
-        if tcp_only and not self._tcp:
+        if tcp_only and not self._tcp.listeners:
             raise ValueError("tcp_only, but this port has no TCP listener")
         while True:
             creds = new_credentials()
@@ -540,7 +357,7 @@ class WorkerMediaPort:
                     component=1, transport="udp",
                     priority=candidate_priority(1, "host", UDP_LOCAL_PREF - i),
                     host=shared.announce, port=shared.port, type="host"))
-        for i, (_, announce, port) in enumerate(self._tcp):
+        for i, (announce, port) in enumerate(self._tcp.listeners):
             out.append(Candidate(
                 foundation=candidate_foundation("host", "tcp", announce),
                 component=1, transport="tcp",
@@ -571,7 +388,7 @@ class WorkerMediaPort:
             # Looked up on each datagram: SrtpFastPath replaces it on the instance.
             conn.data_received(out.media, 1)
 
-    def _on_events(self, events: Iterable[Event], pair: SelectedPair) -> None:
+    def _on_events(self, events: Sequence[Event], pair: SelectedPair) -> None:
         """The events of one check, which came on `pair.path`: a route-changing event
         names the path its check came from (LiteAgent), so `pair` is where it points."""
         for event in events:
@@ -586,38 +403,6 @@ class WorkerMediaPort:
                 conn._select(pair, nominated=True)
             # PathValidated: the route before nomination; aiortc waits for the nomination.
         self._arm()  # a first validation scheduled a consent deadline
-
-    def _admit_tcp(self, conn: IceTcpConnection, ip: str) -> bool:
-        s = self.settings
-        now = self._loop.time()
-        if self._closed:
-            return False
-        if (len(self._tcp_conns) >= s.max_tcp_connections
-                or self._tcp_per_ip.get(ip, 0) >= s.max_tcp_per_address):
-            self.counters.tcp_refused += 1
-            _tcp_refused.note(now, (ip, 0), f"{len(self._tcp_conns)} open, "
-                              f"{self._tcp_per_ip.get(ip, 0)} from this address")
-            return False
-        self._tcp_conns.add(conn)
-        self._tcp_per_ip[ip] = self._tcp_per_ip.get(ip, 0) + 1
-        self.counters.tcp_accepted += 1
-        return True
-
-    def _tcp_closed(self, conn: IceTcpConnection) -> None:
-        if conn not in self._tcp_conns:
-            return
-        self._tcp_conns.discard(conn)
-        assert conn.path is not None
-        ip = conn.path[1]
-        left = self._tcp_per_ip.get(ip, 1) - 1
-        if left > 0:
-            self._tcp_per_ip[ip] = left
-        else:
-            self._tcp_per_ip.pop(ip, None)
-        # Its path carries nothing more; a call routed on it waits for its next valid check
-        # (and consent keeps counting). Its pair stays selected and drops, counted: aiortc
-        # treats a send that raises as the end of the transport.
-        self._agent.forget_path(conn.path)
 
     def _socket_lost(self) -> None:
         if not self._closed:

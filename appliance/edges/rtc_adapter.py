@@ -9,7 +9,11 @@ Why we need hooks at all:
 - aioice gathers host candidates from every interface *except* 127.0.0.1 and binds random
   ports. An appliance must announce exactly the addresses it is configured with (a rack
   server has a known public address; tests run on loopback only) from a configured UDP
-  port range (so the operator's firewall can be opened for it).
+  port range (so the operator's firewall can be opened for it). `apply_candidate_policy`
+  replaces aioice's gathering with the policy's: those host candidates, a server-reflexive
+  one when a STUN server is configured, and - only where the policy says `relay` (the SDK,
+  a client that may sit where no UDP gets out) - a relayed one from the configured TURN
+  server, as aioice's own gathering would; both bounded by `gather_timeout`.
 - Relayed media must not take aiortc's receive chain (ICE queue -> DTLS transport task ->
   receiver -> decoder: a coroutine hop per packet, and a decode we do not want). Once DTLS
   is up, `SrtpFastPath` takes RTP straight from aioice's datagram callback through
@@ -24,6 +28,7 @@ Why we need hooks at all:
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import ipaddress
 import logging
@@ -37,13 +42,15 @@ from typing import Any
 import pylibsrtp
 from aioice import Candidate
 from aioice.candidate import candidate_foundation, candidate_priority
-from aioice.ice import Connection, StunProtocol, server_reflexive_candidate
+from aioice.ice import Connection, StunProtocol, relayed_candidate, server_reflexive_candidate
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCRtpSender
 from aiortc.mediastreams import MediaStreamTrack
 from aiortc.rtcdtlstransport import RTCDtlsTransport
 
 from appliance.core.throttle import Tally
 from appliance.edges.lite_transport import CONNECTION_MEMBERS, check_lite_hooks
+from appliance.ice.demux import KIND_BY_FIRST_BYTE as _KIND_BY_FIRST_BYTE
+from appliance.ice.demux import SRTP as _SRTP
 from appliance.media.datagrams import DROPS, fits
 from appliance.media.udp_send import DirectSender
 
@@ -93,25 +100,41 @@ class CandidatePolicy:
     addresses: tuple[HostAddress, ...]
     port_min: int = 0  # 0: any ephemeral port
     port_max: int = 0
+    # A relayed candidate from the configuration's TURN server, if it has one. Off on the
+    # appliance's side (its workers announce their own public addresses and hold no TURN
+    # credential); on for the SDK, whose network may let no UDP out.
+    relay: bool = False
+    # Server-reflexive and relayed candidates not in by then are given up (aioice: 5 s):
+    # setLocalDescription, which gathers, never waits longer on a STUN or TURN server.
+    gather_timeout: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.gather_timeout <= 30:
+            raise ValueError("gather_timeout must be in (0, 30] seconds")
 
     @classmethod
     def from_strings(
-        cls, addresses: Sequence[str], port_min: int = 0, port_max: int = 0
+        cls, addresses: Sequence[str], port_min: int = 0, port_max: int = 0, *,
+        relay: bool = False,
     ) -> CandidatePolicy:
-        return cls(tuple(HostAddress.parse(a) for a in addresses), port_min, port_max)
+        return cls(tuple(HostAddress.parse(a) for a in addresses), port_min, port_max, relay)
 
 
 def make_configuration(ice_servers: Sequence[dict[str, Any]]) -> RTCConfiguration:
     """An RTCConfiguration with exactly the configured ICE servers.
 
     `RTCConfiguration()` with iceServers=None makes aiortc reach for a public STUN server;
-    an explicit (possibly empty) list never does.
+    an explicit (possibly empty) list never does. An entry with a `secret_file` (a
+    `[media] ice_servers` TURN server run with coturn's use-auth-secret, as the workers get
+    the config) is left out: it is the source of the pages' per-call credentials, not a
+    server anyone here can log in to.
     """
     servers = [
         RTCIceServer(
             urls=s["urls"], username=s.get("username"), credential=s.get("credential")
         )
         for s in ice_servers
+        if not s.get("secret_file")
     ]
     return RTCConfiguration(iceServers=servers)
 
@@ -185,20 +208,70 @@ async def _gather_host_candidates(conn: Connection, policy: CandidatePolicy) -> 
             protocols.append(protocol)
             conn._local_candidates.append(protocol.local_candidate)
     conn._protocols += protocols
+    lookups: list[asyncio.Task[tuple[Candidate, StunProtocol | None]]] = []
     if conn.stun_server:
         # Server-reflexive candidates only when the operator configured a STUN server.
-        results = await asyncio.gather(
-            *(
-                server_reflexive_candidate(p, conn.stun_server)
-                for p in protocols
-                if ipaddress.ip_address(p.local_candidate.host).version == 4
-            ),
-            return_exceptions=True,
-        )
-        for result in results:
-            if isinstance(result, Candidate):
-                conn._local_candidates.append(result)
+        lookups += [
+            asyncio.create_task(_server_reflexive(p, conn.stun_server))
+            for p in protocols
+            if ipaddress.ip_address(p.local_candidate.host).version == 4
+        ]
+    if policy.relay and conn.turn_server:
+        lookups += [
+            asyncio.create_task(_relayed(conn, component))
+            for component in sorted(conn._components)
+        ]
+    if lookups:
+        try:
+            _, pending = await asyncio.wait(lookups, timeout=policy.gather_timeout)
+        except BaseException:  # cancelled (the pc closed while gathering): keep nothing
+            for task in lookups:
+                task.cancel()
+                task.add_done_callback(_close_unused)
+            raise
+        for task in pending:
+            task.cancel()  # a TURN allocation under way closes its socket (aioice)
+        await asyncio.gather(*pending, return_exceptions=True)
+        for task in lookups:
+            if task in pending or task.exception() is not None:
+                log.info("ICE: a server-reflexive or relayed candidate failed: %r",
+                         "timed out" if task in pending else task.exception())
+                continue
+            candidate, relay_protocol = task.result()
+            conn._local_candidates.append(candidate)
+            if relay_protocol is not None:
+                conn._protocols.append(relay_protocol)  # closed with the connection
     conn._local_candidates_end = True
+
+
+def _close_unused(task: asyncio.Task[tuple[Candidate, StunProtocol | None]]) -> None:
+    """A lookup whose gathering was cancelled: a TURN allocation it made is released."""
+    if not task.cancelled() and task.exception() is None:
+        _, protocol = task.result()
+        if protocol is not None and protocol.transport is not None:
+            protocol.transport.close()
+
+
+async def _server_reflexive(
+    protocol: StunProtocol, stun_server: tuple[str, int]
+) -> tuple[Candidate, StunProtocol | None]:
+    return await server_reflexive_candidate(protocol, stun_server), None
+
+
+async def _relayed(conn: Connection, component: int) -> tuple[Candidate, StunProtocol | None]:
+    """A relayed candidate from the connection's TURN server (aiortc put its address and
+    credential there from the configuration), received through our guarded protocol."""
+    candidate, protocol = await relayed_candidate(
+        component=component,
+        hide_related_address=False,
+        protocol_factory=lambda: _GuardedStunProtocol(conn),
+        turn_server=conn.turn_server,
+        turn_username=conn.turn_username,
+        turn_password=conn.turn_password,
+        turn_ssl=conn.turn_ssl,
+        turn_transport=conn.turn_transport,
+    )
+    return candidate, protocol
 
 
 class SilentTrack(MediaStreamTrack):
@@ -272,8 +345,9 @@ class SrtpFastPath:
     def _data_received(self, data: bytes, component: int) -> None:
         if not fits(data):
             return
-        # RFC 7983 demux: 128..191 is RTP/RTCP; RFC 5761: RTCP types are 192..223.
-        if not 127 < data[0] < 192:
+        # RFC 7983 by demux's table (fits() lets no empty datagram through; an index is
+        # cheaper than a call). RFC 5761 below: RTCP packet types are 192..223.
+        if _KIND_BY_FIRST_BYTE[data[0]] is not _SRTP:
             self._chain(data, component)  # DTLS (and STUN that aioice did not take)
             return
         if len(data) < 12:
@@ -329,7 +403,11 @@ class SrtpFastPath:
         if pair is self._last_pair and self._last_send is not None:
             return self._last_send
         send = getattr(pair, "send", None)
-        if send is None:
+        if send is None and pair.protocol.transport.get_extra_info("socket") is None:
+            # A relayed pair: aioice's TurnTransport has no socket of its own to send on
+            # (its sendto wraps each packet for the TURN server).
+            send = functools.partial(pair.protocol.transport.sendto, addr=pair.remote_addr)
+        elif send is None:
             sender = self._senders.get(id(pair.protocol))
             if sender is None:
                 sender = self._senders[id(pair.protocol)] = DirectSender(pair.protocol.transport)
@@ -472,8 +550,17 @@ def check_hooks() -> None:
             "_protocols",
             "_components",
             "stun_server",
+            "turn_server",
+            "turn_username",
+            "turn_password",
+            "turn_ssl",
+            "turn_transport",
         ):
             assert hasattr(conns[0], attr), f"aioice Connection.{attr} moved"
+        relay_args = set(inspect.signature(relayed_candidate).parameters)
+        assert relay_args == {"component", "hide_related_address", "protocol_factory",
+                              "turn_server", "turn_username", "turn_password", "turn_ssl",
+                              "turn_transport"}, f"aioice relayed_candidate changed: {relay_args}"
         assert hasattr(StunProtocol, "datagram_received")
         import aiortc.rtcrtpreceiver as receiver_module
 

@@ -1,11 +1,10 @@
-"""RFC 4571 framing for ICE-TCP, sans-IO: the decoder of one TCP connection's byte stream,
-the encoder, and the RFC 7983 first-byte rule that names what a frame holds.
+"""RFC 4571 framing for ICE-TCP, sans-IO: the decoder of one TCP connection's byte stream
+and the encoder.
 
 RFC 6544 carries STUN, DTLS and SRTP/SRTCP over TCP in RFC 4571 frames: a 2-byte
-big-endian LENGTH, then LENGTH bytes. A frame is opaque bytes here; `classify` says what
-the first byte claims it is (the STUN parser and the DTLS/SRTP layers check the rest).
-`classify` is the package's one copy of that rule: the ICE-lite agent demultiplexes UDP
-datagrams and TCP frames by it alike.
+big-endian LENGTH, then LENGTH bytes. A frame is opaque bytes here; what its first byte
+says it holds is `demux.classify`'s (RFC 7983), for TCP frames and UDP datagrams alike,
+and the STUN parser and the DTLS/SRTP layers check the rest.
 
 Every byte comes from whoever connected to the worker's TCP port, so the decoder bounds
 what it keeps across reads (`max_buffered`), and with `stun_first` refuses a connection
@@ -18,52 +17,31 @@ after one the stream is out of step for good and the connection must be closed.
 Zero-length frames: RFC 4571 section 2 makes LENGTH the octet count of the packet that
 follows and sets no minimum, so LENGTH 0 is a legal (empty) frame and the decoder returns
 it as b"". No STUN message (20-byte header), DTLS record (13) or SRTP packet (12) is
-empty, so `classify(b"")` is GARBAGE: the caller drops it like any other garbage.
+empty, so `demux.classify(b"")` is GARBAGE: the caller drops it like any other garbage.
 """
 
 from __future__ import annotations
 
-import enum
+from appliance.ice import stun
 
 HEADER_BYTES = 2
 MAX_FRAME = 0xFFFF  # what a 16-bit LENGTH can say
 # Enough for one frame of the largest size: the decoder then refuses no legal frame.
 MAX_BUFFERED = HEADER_BYTES + MAX_FRAME
 
-STUN_HEADER_BYTES = 20
-STUN_MAGIC_COOKIE = b"\x21\x12\xa4\x42"  # RFC 8489 section 5
+# The STUN header as the opening check is tested by it (RFC 8489 section 5): stun.py's.
+STUN_HEADER_BYTES = stun.HEADER_BYTES
+STUN_MAGIC_COOKIE = stun.MAGIC_COOKIE_BYTES
 STUN_BINDING_REQUEST = b"\x00\x01"  # method Binding, class request
 # A browser's connectivity check is a few hundred bytes (USERNAME of at most 513, PRIORITY,
 # ICE-CONTROLLING, USE-CANDIDATE, MESSAGE-INTEGRITY(-SHA256), FINGERPRINT, a vendor
-# attribute or two); an opening frame claiming more is not one, and is not waited for.
-MAX_OPENING_FRAME = 2048
+# attribute or two); an opening frame longer than the STUN parser accepts is not one, and
+# is not waited for.
+MAX_OPENING_FRAME = stun.MAX_MESSAGE
 
 
 class FramingError(Exception):
     """The byte stream is not RFC 4571 frames we accept; close the connection."""
-
-
-class FrameKind(enum.Enum):
-    STUN = "stun"  # first byte 0..3
-    DTLS = "dtls"  # 20..63
-    SRTP = "srtp"  # 128..191: SRTP or SRTCP (RTP version 2)
-    GARBAGE = "garbage"  # empty, or a range we do not speak (ZRTP 16..19, TURN channel 64..79)
-
-
-# RFC 7983 section 7, indexed by the first byte. ZRTP and TURN ChannelData are GARBAGE:
-# the worker's port speaks neither (TURN relays end at the TURN server, not here).
-_KIND_BY_FIRST_BYTE: tuple[FrameKind, ...] = tuple(
-    FrameKind.STUN if b <= 3
-    else FrameKind.DTLS if 20 <= b <= 63
-    else FrameKind.SRTP if 128 <= b <= 191
-    else FrameKind.GARBAGE
-    for b in range(256)
-)
-
-
-def classify(frame: bytes | bytearray | memoryview) -> FrameKind:
-    """What the first byte of a frame (or a UDP datagram) says it holds, by RFC 7983."""
-    return _KIND_BY_FIRST_BYTE[frame[0]] if len(frame) else FrameKind.GARBAGE
 
 
 def is_binding_request(frame: bytes | bytearray | memoryview) -> bool:

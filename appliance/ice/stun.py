@@ -5,8 +5,8 @@ attributes of RFC 8445 section 16.1. `parse` turns one datagram (or one RFC 4571
 into a `Message`: the header, the attributes in the order they came, and the raw bytes,
 so `check_integrity` (HMAC-SHA1, key = the ICE password) and `check_fingerprint`
 (CRC-32 xor 0x5354554e) can be computed over exactly what was received. `build` makes a
-message and signs it. `looks_like_stun` is the RFC 7983 first-byte demultiplexing test
-plus the magic cookie.
+message and signs it. `looks_like_stun` is the RFC 7983 first-byte test (`demux`'s) plus
+the magic cookie.
 
 Everything parsed here comes from whoever can reach the worker's media port, so the
 parser bounds the message (a length that matches the datagram, at most `MAX_MESSAGE`
@@ -30,6 +30,8 @@ import ipaddress
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
+
+from appliance.ice.demux import FrameKind, classify
 
 HEADER_BYTES = 20
 MAGIC_COOKIE = 0x2112A442
@@ -156,9 +158,10 @@ class Message:
 
 
 def looks_like_stun(data: bytes) -> bool:
-    """RFC 7983: a first byte of 0..3 is STUN (20..63 DTLS, 128..191 RTP/RTCP); the magic
-    cookie at bytes 4..7 tells an RFC 8489 message from anything else in that range."""
-    return len(data) >= HEADER_BYTES and data[0] <= 3 and data[4:8] == MAGIC_COOKIE_BYTES
+    """A first byte that RFC 7983 gives to STUN (`demux`), then the magic cookie at bytes
+    4..7, which tells an RFC 8489 message from anything else in that range."""
+    return (len(data) >= HEADER_BYTES and classify(data) is FrameKind.STUN
+            and data[4:8] == MAGIC_COOKIE_BYTES)
 
 
 def decode_type(message_type: int) -> tuple[int, StunClass]:

@@ -24,10 +24,10 @@ from aiortc.mediastreams import AudioStreamTrack, MediaStreamError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from appliance.edges.ice_tcp import TcpPair
 from appliance.edges.lite_transport import (
     LiteConnection,
     LiteSettings,
-    TcpPair,
     WorkerMediaPort,
     offer_without_candidates,
     swap_ice_connection,

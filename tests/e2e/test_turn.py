@@ -422,3 +422,119 @@ async def test_without_ice_servers_the_pages_get_an_empty_list(
             f"https://127.0.0.1:{appliance.port}/ice-servers", ssl=False) as response:
         assert response.status == 200 and response.headers["Cache-Control"] == "no-store"
         assert json.loads(await response.read()) == {"iceServers": []}
+
+
+def _selected_pair(pc: Any) -> Any:
+    """aioice's nominated pair under an aiortc peer connection (BUNDLE: one transport)."""
+    ice = pc.getTransceivers()[0].sender.transport.transport._connection
+    return ice._nominated.get(1)
+
+
+async def test_the_sdk_connects_through_coturn_when_udp_to_the_appliance_is_dropped(
+    tmp_path: Path, aps: Any, coturn: Coturn, start_appliance: Any, silent_pbx: str,
+    udp_blocked: Callable[[], dict[str, int]],
+) -> None:
+    """The SDK (aiortc) given only the appliance's `turn:...?transport=tcp` server, with
+    the same rules as the pages: its offer carries a relayed candidate, and the call's
+    nominated pair is that relay (its TCP to coturn, coturn's UDP to the worker)."""
+    appliance = start_appliance(aps.url, [turn_server(coturn, tmp_path)], silent_pbx)
+    async with await MediaServerClient.connect(appliance.url, ice_servers="appliance") as client:
+        call = await client.make_video_call(5678, 9333, USERDATA, medium=0)
+        sdp = call.pc.localDescription.sdp
+        relays = [ln for ln in sdp.splitlines() if " typ relay " in ln]
+        assert len(relays) == 1 and " udp " in relays[0], sdp  # UDP from coturn onwards
+        await call.wait_for("dtls_connect", timeout=20)
+        pair = _selected_pair(call.pc)
+        assert pair is not None, "no nominated pair"
+        local, remote = pair.local_candidate, pair.remote_candidate
+        assert local.type == "relay", (local, remote)
+        assert RELAY_PORTS[0] <= local.port <= RELAY_PORTS[1], local
+        assert remote.host == "127.0.0.1", remote
+        assert MEDIA_PORTS[0] <= remote.port <= MEDIA_PORTS[1], remote  # the worker's socket
+        # The relay's credential is the one the appliance issued for this call.
+        username = pair.protocol.transport._TurnTransport__inner_protocol.username
+        assert re.fullmatch(r"\d+:ms-test\.[0-9a-f]{12}", username), username
+        assert re.search(rf"user <{re.escape(username)}>: incoming packet ALLOCATE processed, "
+                         r"success", coturn.log()), coturn.log()[-3000:]
+    drops = udp_blocked()
+    # The SDK's direct UDP to the worker was tried, and dropped.
+    assert drops["to-media"] > 0 and drops["from-media"] > 0, drops
+
+
+async def test_the_fast_path_sends_over_a_relayed_pair(
+    coturn: Coturn, udp_blocked: Callable[[], dict[str, int]],
+) -> None:
+    """rtc_adapter alone, no appliance: an aiortc "client" with a relay policy and coturn
+    (over TCP), an answerer whose host candidate is in MEDIA_PORTS, UDP between them
+    dropped. The client's nominated pair is relayed, and SrtpFastPath sends on it through
+    aioice's TurnTransport (it has no socket to send on directly): the answerer decodes."""
+    import contextlib
+
+    from aiortc import RTCPeerConnection, RTCRtpSender
+    from aiortc.mediastreams import MediaStreamError
+
+    from appliance.edges.rtc_adapter import (
+        CandidatePolicy,
+        SilentTrack,
+        SrtpFastPath,
+        apply_candidate_policy,
+        make_configuration,
+        sender_ssrc,
+    )
+    from appliance.media import rtp
+
+    username, credential = tc.issue(SECRET.encode(), "fastpath.test", time.time(), TTL)
+    client = RTCPeerConnection(make_configuration(
+        [{"urls": coturn.url, "username": username, "credential": credential}]))
+    answerer = RTCPeerConnection(make_configuration([]))
+    frames = 0
+    counter = fast = None
+    try:
+        client.addTrack(SilentTrack("audio"))
+        transceiver = client.getTransceivers()[0]
+        transceiver.setCodecPreferences([c for c in RTCRtpSender.getCapabilities("audio").codecs
+                                         if c.mimeType == "audio/PCMU"])
+        apply_candidate_policy(client, CandidatePolicy.from_strings(["127.0.0.1"], relay=True))
+        await client.setLocalDescription(await client.createOffer())
+        await answerer.setRemoteDescription(client.localDescription)
+        answerer.addTrack(SilentTrack("audio"))
+        apply_candidate_policy(answerer, CandidatePolicy.from_strings(["127.0.0.1"],
+                                                                      *MEDIA_PORTS))
+        await answerer.setLocalDescription(await answerer.createAnswer())
+        await client.setRemoteDescription(answerer.localDescription)
+        for _ in range(1000):
+            if client.connectionState == answerer.connectionState == "connected":
+                break
+            await asyncio.sleep(0.01)
+        assert client.connectionState == answerer.connectionState == "connected"
+        pair = _selected_pair(client)
+        assert pair.local_candidate.type == "relay", pair
+        received = answerer.getTransceivers()[0].receiver
+
+        async def count_frames() -> None:
+            nonlocal frames
+            with contextlib.suppress(MediaStreamError):
+                while True:
+                    await received.track.recv()
+                    frames += 1
+
+        counter = asyncio.create_task(count_frames())
+        fast = SrtpFastPath(client, on_rtp=lambda packet: None)
+        ssrc = sender_ssrc(client, "audio")
+        for seq in range(40):
+            fast.send_rtp(rtp.build(0, seq == 0, seq, seq * 160, ssrc, b"\xff" * 160))
+            await asyncio.sleep(0.02)
+        for _ in range(150):
+            if frames >= 25:
+                break
+            await asyncio.sleep(0.02)
+        assert fast.sent == 40 and frames >= 25, frames
+    finally:
+        if counter is not None:
+            counter.cancel()
+        if fast is not None:
+            fast.detach()
+        await client.close()
+        await answerer.close()
+    drops = udp_blocked()
+    assert drops["to-media"] > 0, drops  # the client's direct checks were tried, and dropped

@@ -23,14 +23,13 @@ from hypothesis import strategies as st
 from OpenSSL import SSL
 
 from appliance.ice import framing
+from appliance.ice.demux import FrameKind, classify
 from appliance.ice.framing import (
     MAX_BUFFERED,
     MAX_FRAME,
     MAX_OPENING_FRAME,
     Decoder,
-    FrameKind,
     FramingError,
-    classify,
     encode,
     is_binding_request,
 )
