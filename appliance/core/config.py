@@ -112,8 +112,8 @@ class MediaConfig(msgspec.Struct, forbid_unknown_fields=True):
     # One WebRTC media port per worker for all its calls (issue 12): worker i listens on
     # udp_port + i (UDP) and on tcp_port + i (TCP, RFC 6544 passive candidates). 0: no such
     # port; with udp_port 0 every call binds its own UDP port in port_min..port_max.
-    udp_port: int = 0
-    tcp_port: int = 0
+    udp_port: int = 40000
+    tcp_port: int = 40000
     # Bytes queued towards one ICE-TCP connection that reads too slowly; a frame that does
     # not fit is dropped whole and counted (appliance/ice/tcp_writer.py).
     tcp_send_buffer: int = 256 * 1024

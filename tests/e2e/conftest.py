@@ -43,8 +43,8 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
         return s.getsockname()[1]
 
 
-def free_udp_ports(count: int) -> int:
-    """The first of `count` consecutive UDP ports that are free right now."""
+def free_ports(count: int, kind: int = socket.SOCK_DGRAM) -> int:
+    """The first of `count` consecutive UDP (or TCP) ports that are free right now."""
     import random
 
     for _ in range(200):
@@ -52,7 +52,7 @@ def free_udp_ports(count: int) -> int:
         sockets = []
         try:
             for port in range(base, base + count):
-                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                s = socket.socket(socket.AF_INET, kind)
                 sockets.append(s)
                 s.bind(("127.0.0.1", port))
             return base
@@ -61,7 +61,15 @@ def free_udp_ports(count: int) -> int:
         finally:
             for s in sockets:
                 s.close()
-    raise RuntimeError("no block of free UDP ports")
+    raise RuntimeError("no block of free ports")
+
+
+def free_udp_ports(count: int) -> int:
+    return free_ports(count, socket.SOCK_DGRAM)
+
+
+def free_tcp_ports(count: int) -> int:
+    return free_ports(count, socket.SOCK_STREAM)
 
 
 def _toml_value(value: Any) -> str:
@@ -184,7 +192,9 @@ def make_appliance(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[A
             "aps": {"url": aps_url, "timeout": 1.0, "attempts": 2},
             "sip": {"base_port": free_udp_ports(4), "proxy": "127.0.0.1:9"},
             "admin": {"port": free_port()},
-            "media": {"addresses": ["127.0.0.1"], "dtls_timeout": 10.0},
+            # Each appliance its own worker media ports: tests start several in one namespace.
+            "media": {"addresses": ["127.0.0.1"], "dtls_timeout": 10.0,
+                      "udp_port": free_udp_ports(2), "tcp_port": free_tcp_ports(2)},
         }
         for name, values in overrides.items():
             sections.setdefault(name, {}).update(values)

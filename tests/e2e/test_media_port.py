@@ -440,7 +440,7 @@ async def test_a_worker_that_cannot_bind_its_port_refuses_calls_and_stays_up(
         s.bind(("127.0.0.1", port))
         taken.append(s)
     try:
-        appliance = make_appliance(aps.url, media={"udp_port": base})
+        appliance = make_appliance(aps.url, media={"udp_port": base, "tcp_port": 0})
         async with await MediaServerClient.connect(appliance.url) as client:
             call = await client.make_video_call(5678, 9333, USERDATA, medium=0)
             release = (await call.wait_for("release", timeout=15)).action

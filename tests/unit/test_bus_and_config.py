@@ -80,9 +80,9 @@ def media_config(workers: int | None = 4, **media: int) -> config.Config:
     return config.from_dict(raw)
 
 
-def test_per_worker_media_ports_are_off_by_default() -> None:
+def test_per_worker_media_ports_are_on_by_default() -> None:
     media = config.Config().media
-    assert (media.udp_port, media.tcp_port) == (0, 0)  # today's per-call range stays
+    assert (media.udp_port, media.tcp_port) == (40000, 40000)  # UDP and TCP both
     assert media.tcp_send_buffer == tcp_writer.DEFAULT_LIMIT == 256 * 1024
     assert config.TCP_SEND_BUFFER_MIN == tcp_writer.MIN_LIMIT
     assert config.TCP_SEND_BUFFER_MAX == tcp_writer.MAX_LIMIT
