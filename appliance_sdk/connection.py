@@ -33,6 +33,7 @@ from msgspec import UNSET
 
 from appliance.core import protocol
 from appliance.core.turn_credentials import MAX_ANSWER_BYTES, IceServerError, parse_answer
+from appliance.edges.ice_tcp_active import use_active_tcp
 from appliance.edges.rtc_adapter import CandidatePolicy, apply_candidate_policy, make_configuration
 
 from .call import Call
@@ -267,8 +268,9 @@ class MediaServerClient:
         """Send the user's `offer` and return the Call at once (the answer comes as events).
 
         `transport="TCP"` is the offer's `protocol: "TCP"` (PROTOCOL.md): the appliance then
-        announces only its ICE-TCP candidate. aiortc itself cannot do ICE-TCP, so such a
-        call connects only through a TURN server over TCP."""
+        announces only its ICE-TCP candidate, and this call connects to it over TCP as the
+        active side of RFC 6544 (appliance/edges/ice_tcp_active.py), for networks that let
+        no UDP through. Such a call uses no STUN or TURN server."""
         offer = protocol.Offer(
             caller=caller,
             callee=callee,
@@ -294,14 +296,17 @@ class MediaServerClient:
         dialogid: int | None = None,
         ref: int | None = None,
         token: str | None = None,
+        transport: str | None = None,
     ) -> Call:
         """The agent's video leg (AgentVideo.html?roomkey=...&token=...): module Agent with
-        the roomkey, and the agent token AP-S issued when the appliance requires one."""
+        the roomkey, and the agent token AP-S issued when the appliance requires one.
+        `transport` as in make_video_call."""
         offer = protocol.Offer(
             module="Agent",
             roomkey=roomkey,
             nickname=UNSET if nickname is None else nickname,
             token=UNSET if token is None else token,
+            protocol=UNSET if transport is None else transport,
         )
         call = await self._start_call(offer, medium, dialogid, ref, audio_track, video_track)
         call.roomkey = roomkey
@@ -340,6 +345,9 @@ class MediaServerClient:
         try:
             # After the transceivers exist, before gathering (setLocalDescription).
             apply_candidate_policy(pc, self._policy)
+            if isinstance(offer.protocol, str) and offer.protocol.upper() == "TCP":
+                await use_active_tcp(pc, self._policy.addresses[0].bind
+                                     if self._policy.addresses else None)
             await pc.setLocalDescription(await pc.createOffer())
             offer.dialogid = dialogid
             offer.ref = ref

@@ -74,7 +74,7 @@ Addr = tuple[str, int]
 UDP_LOCAL_PREF = 65535
 TCP_PASSIVE_LOCAL_PREF = (1 << 13) * 4 + 8191
 _MAX_ADDRESSES = 16  # a worker announces one address per family, maybe a few more
-_ICE_TRANSPORTS_ATTR = "_RTCPeerConnection__iceTransports"
+ICE_TRANSPORTS_ATTR = "_RTCPeerConnection__iceTransports"
 _SOCKET_BUFFER = 1 << 20  # every call's packets share one UDP socket's buffers
 _REMOTE_CANDIDATES_KEPT = 16
 
@@ -650,7 +650,7 @@ async def use_lite_transport(pc: RTCPeerConnection, port: WorkerMediaPort, *,
     or `tcp_only` on a port without TCP; ConnectionError if the port is closed or full."""
     if pc.signalingState != "have-remote-offer":
         raise RuntimeError("use_lite_transport needs a remote offer and no answer yet")
-    transports = getattr(pc, _ICE_TRANSPORTS_ATTR)
+    transports = getattr(pc, ICE_TRANSPORTS_ATTR)
     conns: list[LiteConnection] = []
     for transport in list(transports):
         old = transport._connection
@@ -695,7 +695,7 @@ def check_lite_hooks() -> None:
     assert "iceLite" in RTCIceParameters.__dataclass_fields__, "RTCIceParameters.iceLite moved"
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     pc.addTransceiver("audio")
-    transports = getattr(pc, _ICE_TRANSPORTS_ATTR, None)
+    transports = getattr(pc, ICE_TRANSPORTS_ATTR, None)
     assert transports, "RTCPeerConnection ice transports moved"
     transport = next(iter(transports))
     for attr in ("_connection", "_recv", "_send"):

@@ -48,7 +48,11 @@ from aiortc.mediastreams import MediaStreamTrack
 from aiortc.rtcdtlstransport import RTCDtlsTransport
 
 from appliance.core.throttle import Tally
-from appliance.edges.lite_transport import CONNECTION_MEMBERS, check_lite_hooks
+from appliance.edges.lite_transport import (
+    CONNECTION_MEMBERS,
+    ICE_TRANSPORTS_ATTR,
+    check_lite_hooks,
+)
 from appliance.ice.demux import KIND_BY_FIRST_BYTE as _KIND_BY_FIRST_BYTE
 from appliance.ice.demux import SRTP as _SRTP
 from appliance.media.datagrams import DROPS, fits
@@ -56,7 +60,6 @@ from appliance.media.udp_send import DirectSender
 
 log = logging.getLogger("appliance.rtc")
 
-_ICE_TRANSPORTS_ATTR = "_RTCPeerConnection__iceTransports"
 _BIND_ATTEMPTS = 64
 # Per worker process, one line per interval: what strangers (or a hostile browser) send.
 _oversized = Tally(log, "datagrams on an ICE port that cannot be media (empty or > 1500 B)")
@@ -140,7 +143,7 @@ def make_configuration(ice_servers: Sequence[dict[str, Any]]) -> RTCConfiguratio
 
 
 def _ice_connections(pc: RTCPeerConnection) -> list[Connection]:
-    transports = getattr(pc, _ICE_TRANSPORTS_ATTR)
+    transports = getattr(pc, ICE_TRANSPORTS_ATTR)
     return [t.iceGatherer._connection for t in transports]
 
 
@@ -540,7 +543,7 @@ def check_hooks() -> None:
     pc = RTCPeerConnection(make_configuration([]))
     try:
         pc.addTransceiver("audio")
-        assert hasattr(pc, _ICE_TRANSPORTS_ATTR), "RTCPeerConnection ice transports moved"
+        assert hasattr(pc, ICE_TRANSPORTS_ATTR), "RTCPeerConnection ice transports moved"
         conns = _ice_connections(pc)
         assert conns and all(isinstance(c, Connection) for c in conns)
         for attr in (

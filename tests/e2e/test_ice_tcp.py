@@ -1,8 +1,10 @@
 """ICE-TCP on the worker's media port (RFC 6544 passive side, RFC 4571 framing;
 appliance/edges/lite_transport.py): aioice has no TCP, so the browser's side here is
 tests/e2e/ice_clients.py - a raw RFC 4571 client whose checks aioice builds and whose
-answers aioice parses, and, for a whole call, an aiortc peer connection whose ICE is that
-client (TcpIceConnection) so that aiortc's DTLS-SRTP runs over TCP against ours.
+answers aioice parses, and, for a whole call, an aiortc peer connection whose ICE is the
+SDK's active ICE-TCP side (appliance/edges/ice_tcp_active.py) so that aiortc's DTLS-SRTP
+runs over TCP against ours. The browsers (tests/e2e/test_pages_ice_tcp.py) are the
+independent ICE-TCP clients.
 
 Run in the loopback-only namespace: tests/in-loopback-netns.sh .venv/bin/python -m pytest
 tests/e2e/test_ice_tcp.py
@@ -25,12 +27,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from appliance.edges.ice_tcp import TcpPair
+from appliance.edges.ice_tcp_active import use_active_tcp
 from appliance.edges.lite_transport import (
     LiteConnection,
     LiteSettings,
     WorkerMediaPort,
     offer_without_candidates,
-    swap_ice_connection,
     use_lite_transport,
 )
 from appliance.edges.rtc_adapter import (
@@ -43,7 +45,7 @@ from appliance.edges.rtc_adapter import (
 from appliance.ice.tcp_writer import MIN_LIMIT, WRITE_CHUNK
 from appliance.media import rtp
 from bench.system import loopback_only
-from tests.e2e.ice_clients import TcpIceClient, TcpIceConnection, check, free_tcp_port
+from tests.e2e.ice_clients import TcpIceClient, check, free_tcp_port
 from tests.fuzz_scale import scaled
 
 HERE = [HostAddress("127.0.0.1", "127.0.0.1")]
@@ -300,9 +302,7 @@ async def test_a_full_dtls_srtp_call_over_tcp() -> None:
     transceiver = browser.addTransceiver(AudioStreamTrack(), direction="sendrecv")
     transceiver.setCodecPreferences([c for c in RTCRtpSender.getCapabilities("audio").codecs
                                      if c.mimeType == "audio/PCMU"])
-    ice = TcpIceConnection(consent_interval=0.5)
-    for transport in browser._RTCPeerConnection__iceTransports:  # type: ignore[attr-defined]
-        swap_ice_connection(transport, ice)
+    (ice,) = await use_active_tcp(browser, "127.0.0.1", consent_interval=0.5)
     appliance = RTCPeerConnection(make_configuration([]))
     frames = 0
     fast = None
@@ -337,7 +337,7 @@ async def test_a_full_dtls_srtp_call_over_tcp() -> None:
         await _eventually(lambda: frames >= 40, 5, "frames decoded by the browser")
         assert fast.sent == 60 and fast.received >= 40  # the browser's audio, over TCP
         assert fast.unprotect_errors == 0
-        assert ice.responses >= 2  # its consent checks were answered on the same stream
+        assert ice.checks_answered >= 2  # its consent checks were answered on the same stream
         stats = port.stats()
         assert stats["tcp_accepted"] == 1 and stats["tcp_frames_dropped"] == 0
         assert stats["unknown_path_drops"] == 0 and stats["udp_oversized"] == 0

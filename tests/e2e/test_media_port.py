@@ -9,9 +9,9 @@ UDP) against its ICE-lite answers, sipp as the desk phone.
   the number of calls (20 at once), and nothing bound in port_min..port_max.
 - A browser whose UDP vanishes is released by consent (cause 41, "the browser's network
   went away"); the counters reach /metrics.
-- `protocol: "TCP"`: only the TCP candidate; this test as a minimal ICE-TCP client (RFC
-  4571 frames, a check built and its answer verified by aioice's STUN code) is answered
-  on the worker's TCP port. Without a TCP port such an offer is refused with cause 63.
+- `protocol: "TCP"`: only the TCP candidate; the SDK as RFC 6544's active side places a
+  whole call (voice to the desk phone, video both ways) over the worker's TCP port.
+  Without a TCP port such an offer is refused with cause 63.
 - A worker that cannot bind its port stays up, logs why, and refuses calls with a cause.
 """
 
@@ -20,10 +20,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import random
 import re
 import socket
-import struct
 import subprocess
 import time
 import urllib.request
@@ -33,14 +31,14 @@ from typing import Any
 
 import aioice.ice
 import pytest
-from aioice import stun
 
 from appliance.core import config
 from appliance.edges import bus
+from appliance.edges.ice_tcp_active import ActiveTcpConnection
 from appliance.edges.lite_transport import WorkerMediaPort
 from appliance.edges.rtc_adapter import HostAddress
 from appliance_sdk import Call, MediaServerClient
-from tests.e2e.conftest import eventually, free_udp_ports
+from tests.e2e.conftest import eventually, free_tcp_ports, free_udp_ports
 from tests.e2e.test_video import count_keyframes_sent, roomkey_of
 from tests.e2e.test_voice import desk_phone, place_call, sipp_ok
 from workers.media_port import STATS_KEYS, MediaPort, PortPlan, lite_settings
@@ -48,25 +46,6 @@ from workers.media_port import STATS_KEYS, MediaPort, PortPlan, lite_settings
 pytestmark = pytest.mark.e2e
 
 USERDATA = json.dumps({"id": "A123456789"})
-
-
-def free_tcp_ports(count: int) -> int:
-    """The first of `count` consecutive TCP ports that are free right now."""
-    for _ in range(200):
-        base = random.randrange(30000, 39000)
-        sockets = []
-        try:
-            for port in range(base, base + count):
-                s = socket.socket()
-                sockets.append(s)
-                s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in sockets:
-                s.close()
-    raise RuntimeError("no block of free TCP ports")
 
 
 def media_ports(workers: int = 2, tcp: bool = True, **media: Any) -> dict[str, Any]:
@@ -363,58 +342,59 @@ def sdp_value(sdp: str, key: str) -> str:
     return found.group(1)
 
 
-async def ice_tcp_check(port: int, ufrag: str, remote_ufrag: str, password: str
-                        ) -> tuple[stun.Message, tuple[str, int]]:
-    """One nominating connectivity check over ICE-TCP (RFC 6544 active side, RFC 4571
-    framing), built by aioice; the answer is parsed and returned for aioice to verify."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        msg = stun.Message(message_method=stun.Method.BINDING,
-                           message_class=stun.Class.REQUEST)
-        msg.attributes["USERNAME"] = f"{ufrag}:{remote_ufrag}"
-        msg.attributes["PRIORITY"] = 1853824767
-        msg.attributes["ICE-CONTROLLING"] = 0x1122334455667788
-        msg.attributes["USE-CANDIDATE"] = None
-        msg.add_message_integrity(password.encode())
-        data = bytes(msg)
-        writer.write(struct.pack("!H", len(data)) + data)
-        await writer.drain()
-        (length,) = struct.unpack("!H", await asyncio.wait_for(reader.readexactly(2), 5))
-        reply = stun.parse_message(await asyncio.wait_for(reader.readexactly(length), 5))
-        assert reply.transaction_id == msg.transaction_id
-        return reply, writer.get_extra_info("sockname")[:2]
-    finally:
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
+def ice_connection(call: Call) -> Any:
+    """The ICE connection under the call's (bundled) transport."""
+    return call.pc.getTransceivers()[0].receiver.transport.transport._connection
 
 
-async def test_an_offer_over_tcp_gets_only_the_tcp_candidate_and_is_answered_there(
-    aps: Any, make_appliance: Any
+async def test_a_whole_call_over_tcp_voice_to_the_phone_and_video_both_ways(
+    tmp_path: Path, aps: Any, make_appliance: Any
 ) -> None:
+    """Both legs with `protocol: "TCP"`: each answer announces only the worker's TCP
+    candidate, the SDK connects to it as RFC 6544's active side (its own ICE-TCP client,
+    framed by RFC 4571), and the voice echoed by the desk phone and the video between
+    customer and agent all cross that one TCP port."""
+    sipp = await desk_phone(tmp_path, "desk_echo.xml")
     media = media_ports()
-    appliance = make_appliance(aps.url, media=media)
-    async with await MediaServerClient.connect(appliance.url) as client:
-        call = await offer_over_tcp(client)
+    appliance = make_appliance(aps.url, sip={"proxy": sipp.address}, media=media)
+    client, call, track, reader = await place_call(appliance, medium=2, transport="TCP")
+    agent_client = await MediaServerClient.connect(appliance.url)
+    try:
         answer = (await call.wait_for("answer", timeout=15)).action.answer.sdp
         worker = worker_of(appliance, call)
         tcp = media["tcp_port"] + worker
         assert_lite_answer(answer, None, tcp)
         (ice,) = await ice_actions(call, 1)
         assert ice.split()[2].lower() == "tcp" and ice.split()[5] == str(tcp), ice
-        # This test as the browser's ICE-TCP side (aioice, under the SDK, has no TCP).
-        password = sdp_value(answer, "ice-pwd")
-        reply, mapped = await ice_tcp_check(tcp, sdp_value(answer, "ice-ufrag"),
-                                            sdp_value(call.pc.localDescription.sdp,
-                                                      "ice-ufrag"), password)
-        assert reply.message_class == stun.Class.RESPONSE, reply
-        assert reply.check_message_integrity(password.encode())
-        assert reply.attributes["XOR-MAPPED-ADDRESS"] == mapped
-        await eventually(lambda: metric(appliance, "worker_ice_tcp_connections_total",
-                                        worker) >= 1, 3)
-        assert metric(appliance, "worker_ice_checks_total", worker) >= 1
+        assert " tcptype active" in call.pc.localDescription.sdp
+        assert " udp " not in call.pc.localDescription.sdp  # no UDP candidate offered
+        await call.wait_for("dtls_connect", timeout=15)
+        conn = ice_connection(call)
+        assert isinstance(conn, ActiveTcpConnection), conn
+        assert conn._nominated[1].remote_addr == ("127.0.0.1", tcp)
+        await call.wait_for("Join", timeout=10)  # the phone answered
+        agent = await agent_client.join_room(roomkey_of(aps, call), transport="TCP")
+        await agent.wait_for("dtls_connect", timeout=15)
+        assert isinstance(ice_connection(agent), ActiveTcpConnection)
+        await eventually(lambda: agent.frames_received.get("video", 0) > 20, 10)
+        await eventually(lambda: call.frames_received.get("video", 0) > 20, 10)
+        await asyncio.sleep(2)
+        report = reader.report(track)
+        print(f"echo over ICE-TCP through the worker's port + sipp: {report}")
+        assert report.received > 100, report
+        assert report.loss_pct < 2.0, report
+        assert metric(appliance, "worker_ice_tcp_connections_total", worker) == 2
+        assert metric(appliance, "worker_ice_checks_total", worker) >= 2
         assert metric(appliance, "worker_ice_tcp_drops_total", worker) == 0
+        assert conn.frames_dropped == 0 and conn.rx_queue_drops == 0
+        assert all(w["decoders_created"] == 0 for w in status(appliance)["workers"])
+        await agent.hangup()
         await call.hangup()
+        await sipp_ok(sipp)
+    finally:
+        await client.close()
+        await agent_client.close()
+        sipp.kill()
 
 
 async def test_an_offer_over_tcp_without_a_tcp_port_is_refused(
