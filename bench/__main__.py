@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from bench import analysis, system
-from bench.run import DEFAULT_STEPS, Options
+from bench.run import DEFAULT_STEPS, TRANSPORTS, Options
 
 
 def _steps(text: str) -> tuple[int, ...]:
@@ -23,6 +23,13 @@ def _steps(text: str) -> tuple[int, ...]:
     if not steps or any(s <= 0 for s in steps) or list(steps) != sorted(set(steps)):
         raise argparse.ArgumentTypeError("steps must be positive and increasing")
     return steps
+
+
+def _transports(text: str) -> tuple[str, ...]:
+    chosen = tuple(dict.fromkeys(t.strip().lower() for t in text.split(",") if t.strip()))
+    if not chosen or not set(chosen) <= set(TRANSPORTS):
+        raise argparse.ArgumentTypeError(f"transports are {', '.join(TRANSPORTS)}: {text!r}")
+    return chosen
 
 
 def parser() -> argparse.ArgumentParser:
@@ -56,6 +63,10 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--audio", choices=("PCMU", "OPUS"), default="PCMU",
                      help="the customer's voice codec: PCMU is relayed to the desk phone "
                           "untouched, OPUS makes the appliance transcode (default PCMU)")
+    run.add_argument("--transports", type=_transports, default=("udp",),
+                     help="the callers' ICE transport, one phase of ours each: udp, tcp "
+                          "(every leg over ICE-TCP, RFC 6544) or udp,tcp to compare them in "
+                          "one run (default udp; the baseline runs over UDP)")
     run.add_argument("--setup-concurrency", type=int, default=8,
                      help="calls being set up at once, over all caller processes")
     run.add_argument("--setup-timeout", type=float, default=45.0)
@@ -99,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
         workers=args.workers, callers=args.callers, baseline=not args.no_baseline,
         results_dir=args.results_dir, cache_dir=args.cache_dir, address=args.address,
         audio=args.audio,
-        record=args.record,
+        record=args.record, transports=args.transports,
         setup_concurrency=args.setup_concurrency, setup_timeout=args.setup_timeout,
         stop_after_failures=args.stop_after_failures,
         criteria=criteria,

@@ -159,18 +159,7 @@ def comparison(ours: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]
     load both carried (the same number of calls on both)."""
     a_cap = ours["capacity"]["capacity_per_core"]
     b_cap = baseline["capacity"]["capacity_per_core"]
-    ours_steps = {s["calls"]: s for s in ours["steps"] if s["verdict"]["pass"]}
-    base_steps = {s["calls"]: s for s in baseline["steps"] if s["verdict"]["pass"]}
-    common = sorted(set(ours_steps) & set(base_steps))
-    if common:
-        at = common[-1]
-        ours_cpu = ours_steps[at]["worker"]["cpu_per_call_net"]
-        base_cpu = base_steps[at]["worker"]["cpu_per_call_net"]
-    else:  # nothing passed on both: compare the smallest steps measured
-        first_o, first_b = ours["steps"][0], baseline["steps"][0]
-        at = None
-        ours_cpu = first_o["worker"]["cpu_per_call_net"]
-        base_cpu = first_b["worker"]["cpu_per_call_net"]
+    at, ours_cpu, base_cpu = _cpu_at_common_step(ours, baseline)
     at_capacity = [phase["capacity"]["capacity_step_calls"] for phase in (ours, baseline)]
     cpu_at_capacity = [
         next((s["worker"]["cpu_per_call_net"] for s in phase["steps"] if s["calls"] == calls),
@@ -206,6 +195,55 @@ def rejudge(result: dict[str, Any], criteria: Criteria) -> dict[str, Any]:
         phase["capacity"] = capacity(phase["steps"], workers, idle, criteria) \
             if phase["steps"] else None
     result["options"]["criteria"] = criteria.as_dict()
-    if "packet" in result["phases"] and "aiortc" in result["phases"]:
-        result["comparison"] = comparison(result["phases"]["packet"], result["phases"]["aiortc"])
+    compare_phases(result)
     return result
+
+
+def _cpu_at_common_step(a: dict[str, Any], b: dict[str, Any]
+                        ) -> tuple[int | None, float, float]:
+    """CPU per call (net of idle) of both phases at the largest step both passed; at each
+    one's first step when they passed none in common (`calls` None then)."""
+    a_steps = {s["calls"]: s for s in a["steps"] if s["verdict"]["pass"]}
+    b_steps = {s["calls"]: s for s in b["steps"] if s["verdict"]["pass"]}
+    common = sorted(set(a_steps) & set(b_steps))
+    if common:
+        at = common[-1]
+        return (at, a_steps[at]["worker"]["cpu_per_call_net"],
+                b_steps[at]["worker"]["cpu_per_call_net"])
+    return (None, a["steps"][0]["worker"]["cpu_per_call_net"],
+            b["steps"][0]["worker"]["cpu_per_call_net"])
+
+
+def transport_comparison(udp: dict[str, Any], tcp: dict[str, Any]) -> dict[str, Any]:
+    """Our relay with every leg over ICE-TCP beside it over UDP, in one run: the worker's
+    CPU per call at the same load, and the setup times (offer sent -> DTLS connected)
+    pooled over every call each phase placed."""
+    at, udp_cpu, tcp_cpu = _cpu_at_common_step(udp, tcp)
+
+    def setup(phase: dict[str, Any], key: str) -> float | None:
+        return (phase.get("setup_ms") or {}).get(key, {}).get("p50")
+
+    return {
+        "cpu_compared_at_calls": at,
+        "udp_cpu_per_call_net": udp_cpu,
+        "tcp_cpu_per_call_net": tcp_cpu,
+        "tcp_cpu_ratio": round(tcp_cpu / udp_cpu, 2) if udp_cpu > 0 else None,
+        "udp_capacity_per_core": (udp["capacity"] or {}).get("capacity_per_core"),
+        "tcp_capacity_per_core": (tcp["capacity"] or {}).get("capacity_per_core"),
+        "offer_to_dtls_p50_ms": {"udp": setup(udp, "user_dtls"), "tcp": setup(tcp, "user_dtls")},
+        "agent_offer_to_dtls_p50_ms": {"udp": setup(udp, "agent_dtls"),
+                                       "tcp": setup(tcp, "agent_dtls")},
+        "calls_placed": {"udp": (udp.get("setup_ms") or {}).get("user_dtls", {}).get("n"),
+                         "tcp": (tcp.get("setup_ms") or {}).get("user_dtls", {}).get("n")},
+    }
+
+
+def compare_phases(result: dict[str, Any]) -> None:
+    """The run's comparisons, from whichever phases it has: ours against the baseline
+    (both over UDP), and ours over ICE-TCP against ours over UDP."""
+    phases = result["phases"]
+    if "packet" in phases and "aiortc" in phases:
+        result["comparison"] = comparison(phases["packet"], phases["aiortc"])
+    if "packet" in phases and "packet-tcp" in phases:
+        result["transport_comparison"] = transport_comparison(phases["packet"],
+                                                              phases["packet-tcp"])

@@ -4,7 +4,10 @@ Each simulated call is what the appliance sells: a User leg sending PCMU (or, to
 transcoding, Opus) voice (50 pps)
 and VP8 640x480 video (30 fps, ~800 kbit/s) to the desk phone and the agent, and an Agent
 leg (join_room with the call's roomkey) sending video back. Signalling goes through the
-SDK (`MediaServerClient`), and ICE/DTLS/SRTP are real aiortc. Once DTLS is up, though,
+SDK (`MediaServerClient`), and ICE/DTLS/SRTP are real aiortc (with `--transport TCP`,
+ICE is the SDK's own RFC 6544 active side, appliance/edges/ice_tcp_active.py: aioice has
+no ICE-TCP, and both legs then carry everything over the worker's TCP port, RFC 4571
+framed). Once DTLS is up, though,
 every packet takes `SrtpFastPath` both ways: pre-encoded payloads from `media_cache` go out
 through one shared `Pacer`, and what comes back is counted (`RxStream`), never decoded.
 
@@ -252,6 +255,8 @@ class CallerHost:
         self._agents: MediaServerClient | None = None
         self._setup_slots = asyncio.Semaphore(args.setup_concurrency)
         self._db: sqlite3.Connection | None = None
+        # The offer's `protocol`: None leaves it out (UDP, the default).
+        self._transport: str | None = "TCP" if args.transport == "TCP" else None
 
     async def start(self) -> None:
         addresses = (self.args.address,)
@@ -286,7 +291,7 @@ class CallerHost:
         user_call = await self._users.make_video_call(
             CALLER, CALLEE, userdata, medium=2, audio=self.media.audio_codec,
             record=1 if self.args.record else 0,
-            audio_track=tracks[0], video_track=tracks[1])
+            audio_track=tracks[0], video_track=tracks[1], transport=self._transport)
         offered = time.monotonic()  # make_video_call returns once the offer is sent
         sim.user = Leg(user_call, tracks, ("audio", "video"), self.media, self.pacer, self.rng)
         dtls = await _wait(user_call, "dtls_connect")
@@ -298,7 +303,8 @@ class CallerHost:
         roomkey = await self._roomkey(user_call)
         agent_tracks = [SilentTrack("audio"), SilentTrack("video")]
         agent_call = await self._agents.join_room(
-            roomkey, medium=2, audio_track=agent_tracks[0], video_track=agent_tracks[1])
+            roomkey, medium=2, audio_track=agent_tracks[0], video_track=agent_tracks[1],
+            transport=self._transport)
         agent_offered = time.monotonic()
         sim.agent = Leg(agent_call, agent_tracks, ("video",), self.media, self.pacer, self.rng)
         agent_dtls = await _wait(agent_call, "dtls_connect")
@@ -404,6 +410,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--audio", choices=("PCMU", "OPUS"), default="PCMU",
                         help="the customer's voice codec (OPUS makes the appliance transcode)")
     parser.add_argument("--record", action="store_true", help="offer record: 1 on every call")
+    parser.add_argument("--transport", choices=("UDP", "TCP"), default="UDP",
+                        help="TCP: every leg offers protocol TCP and connects by ICE-TCP")
     parser.add_argument("--setup-concurrency", type=int, default=8)
     parser.add_argument("--setup-timeout", type=float, default=45.0)
     parser.add_argument("--seed", type=int, default=1)

@@ -223,6 +223,11 @@ def step_figures(a: dict[str, Any], b: dict[str, Any], calls_target: int,
             "packets_received": sum(w["packets_received"] for w in status_workers.values()),
             "packets_sent": sum(w["packets_sent"] for w in status_workers.values()),
             "decoders_created": sum(w["decoders_created"] for w in status_workers.values()),
+            # The media port's counters since the worker started: which transport the
+            # calls really used, and frames the TCP writers dropped (a slow reader).
+            "ice_tcp_connections": sum(w.get("ice_tcp_connections", 0)
+                                       for w in status_workers.values()),
+            "ice_tcp_drops": sum(w.get("ice_tcp_drops", 0) for w in status_workers.values()),
             "core_busy": [round(busy[c], 3) for c in worker_cores],
         },
         "supervisor_cores": round(supervisor_cores, 4),

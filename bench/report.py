@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-COLOURS = {"packet": "#1f77b4", "aiortc": "#d62728"}
+COLOURS = {"packet": "#1f77b4", "packet-tcp": "#2ca02c", "aiortc": "#d62728"}
 NOISE_CORES = 0.1  # other processes' use of our cores above which the summary warns
 
 
@@ -106,8 +106,36 @@ def write_summary(result: dict[str, Any], path: Path) -> None:
                if comp.get("cpu_per_call_ratio_at_capacity") else ""),
             "",
         ]
+    tcp = result.get("transport_comparison")
+    if tcp:
+        lines += _transport_lines(tcp)
     lines.append("Figures: report.json; plot: plot.png. How to read them: docs/capacity.md.")
     path.write_text("\n".join(lines) + "\n")
+
+
+def _ms(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0f} ms"
+
+
+def _transport_lines(tcp: dict[str, Any]) -> list[str]:
+    at = tcp["cpu_compared_at_calls"]
+    ratio = tcp["tcp_cpu_ratio"]
+    setup, agent, n = (tcp["offer_to_dtls_p50_ms"], tcp["agent_offer_to_dtls_p50_ms"],
+                       tcp["calls_placed"])
+    return [
+        "## Ours over ICE-TCP against ours over UDP",
+        "",
+        f"- Worker CPU per call: {100 * tcp['tcp_cpu_per_call_net']:.2f} % of a core over "
+        f"TCP, {100 * tcp['udp_cpu_per_call_net']:.2f} % over UDP"
+        + (f" ({ratio}x)" if ratio is not None else "")
+        + (f", both at {at} calls" if at else ", at each one's first step"),
+        f"- Capacity per core: {tcp['tcp_capacity_per_core']} over TCP, "
+        f"{tcp['udp_capacity_per_core']} over UDP",
+        f"- Offer sent -> DTLS connected, p50: customer leg {_ms(setup['tcp'])} over TCP, "
+        f"{_ms(setup['udp'])} over UDP; agent leg {_ms(agent['tcp'])} / {_ms(agent['udp'])} "
+        f"({n['tcp']} / {n['udp']} calls placed)",
+        "",
+    ]
 
 
 def _noise(result: dict[str, Any]) -> str:

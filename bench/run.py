@@ -35,6 +35,7 @@ from tests.e2e.conftest import free_udp_ports
 log = logging.getLogger("bench.run")
 
 RELAYS = {"packet": "ours (packet relay)", "aiortc": "baseline (aiortc decode + re-encode)"}
+TRANSPORTS = ("udp", "tcp")  # what the callers' ICE uses: UDP, or ICE-TCP (RFC 6544)
 # Doubling at first, then finer where a Python worker core is expected to run out.
 DEFAULT_STEPS = (1, 2, 4, 8, 16, 24, 32, 40, 48, 64, 96, 128)
 PROGRESS_EVERY = 5.0
@@ -54,6 +55,8 @@ class Options:
     address: str = "127.0.0.1"
     audio: str = "PCMU"  # the customer's codec; "OPUS" measures the transcoding path
     record: bool = False  # every call recorded (offer record: 1): the recorder's cost
+    # Our relay is measured once per transport; the baseline over UDP only.
+    transports: tuple[str, ...] = ("udp",)
     setup_concurrency: int = 8
     setup_timeout: float = 45.0
     stop_after_failures: int = 2  # one step past the limit shows the cliff on the plot
@@ -107,14 +110,15 @@ class Bench:
         aps = await serve_aps("127.0.0.1", 0, self.aps_db)
         host, port = aps.addresses[0][:2]
         self.aps_url = f"http://{host}:{port}"
-        relays = ["packet", "aiortc"] if o.baseline else ["packet"]
+        plan = [("packet", t) for t in o.transports] + ([("aiortc", "udp")] if o.baseline
+                                                         else [])
         self.desk = await start_desk_phones(
-            self.out / "sipp", calls=len(relays) * max(o.steps) + 16,
+            self.out / "sipp", calls=len(plan) * max(o.steps) + 16,
             media_port=free_udp_ports(4), cores=self.gen_cores)
         phases: dict[str, Any] = {}
         try:
-            for relay in relays:
-                phases[relay] = await self.phase(relay)
+            for relay, transport in plan:
+                phases[phase_key(relay, transport)] = await self.phase(relay, transport)
         finally:
             await self.desk.stop()
             await aps.cleanup()
@@ -138,21 +142,22 @@ class Bench:
                       "recorded": o.record},
             "phases": phases,
         }
-        if "packet" in phases and "aiortc" in phases:
-            result["comparison"] = analysis.comparison(phases["packet"], phases["aiortc"])
+        analysis.compare_phases(result)
         return result
 
-    async def phase(self, relay: str) -> dict[str, Any]:
+    async def phase(self, relay: str, transport: str = "udp") -> dict[str, Any]:
         o = self.o
         assert self.desk is not None
-        name = RELAYS[relay]
+        key = phase_key(relay, transport)
+        name = RELAYS[relay] + (" over ICE-TCP" if transport == "tcp" else "")
         say(f"\n== {name}: starting the appliance ({o.workers} worker(s), media.relay="
-            f"{relay!r})")
-        workdir = self.out / relay
+            f"{relay!r}, callers over {transport.upper()})")
+        workdir = self.out / key
         aut = await start_appliance(relay, workdir / "appliance", o.workers, max(o.steps),
                                     self.aps_url, self.desk.address, o.address, self.cores)
         callers: list[ChildProcess] = []
         steps: list[dict[str, Any]] = []
+        setups: list[dict[str, Any]] = []  # every call's setup times, over all steps
         idle: dict[str, Any] = {}
         try:
             status = await aut.status_async()
@@ -163,7 +168,7 @@ class Bench:
                     f"expected {self.worker_cores}")
             if not self.cores_shared:
                 system.pin_process(aut.pid, self.gen_cores)  # the supervisor, not its workers
-            callers = await self.start_callers(aut, relay, workdir)
+            callers = await self.start_callers(aut, key, transport, workdir)
             procs = measure.Processes(workers, aut.pid, callers, self.desk)
             idle = await self.idle(procs, aut)
             say(f"  idle worker: {sum(idle['worker_cores'].values()):.4f} cores, "
@@ -171,7 +176,8 @@ class Bench:
             failures = 0
             placed = 0
             for number, target in enumerate(o.steps, 1):
-                step = await self.step(number, target, placed, procs, aut, callers, idle)
+                step = await self.step(number, target, placed, procs, aut, callers, idle,
+                                       setups)
                 placed = max(placed, target)
                 steps.append(step)
                 if not step["verdict"]["pass"]:
@@ -188,8 +194,10 @@ class Bench:
         cap = analysis.capacity(steps, o.workers, idle_total, o.criteria) if steps else None
         return {
             "relay": relay,
+            "transport": transport,
             "name": name,
             "config": aut.sections,
+            "setup_ms": measure.summarize_setup(setups),
             "idle": idle or None,
             "steps": steps,
             "capacity": cap,
@@ -197,7 +205,7 @@ class Bench:
             else "",
         }
 
-    async def start_callers(self, aut: ApplianceUnderTest, relay: str,
+    async def start_callers(self, aut: ApplianceUnderTest, key: str, transport: str,
                             workdir: Path) -> list[ChildProcess]:
         o = self.o
         per = max(1, math.ceil(o.setup_concurrency / self.callers))
@@ -207,7 +215,9 @@ class Bench:
                     "--aps-db", str(self.aps_db), "--cache-dir", str(o.cache_dir),
                     "--address", o.address, "--audio", o.audio,
                     *(["--record"] if o.record else []),
-                    "--identity-prefix", f"B{relay[:1].upper()}{k}-",
+                    "--transport", transport.upper(),
+                    # Unique per phase: AP-S sees every call of the run.
+                    "--identity-prefix", f"B{key[:1].upper()}{transport[:1].upper()}{k}-",
                     "--setup-concurrency", str(per), "--setup-timeout", str(o.setup_timeout),
                     "--seed", str(k + 1)]
             starts.append(ChildProcess.start(f"caller{k}", argv, workdir / f"caller{k}.log",
@@ -229,7 +239,7 @@ class Bench:
 
     async def step(self, number: int, target: int, placed: int, procs: measure.Processes,
                    aut: ApplianceUnderTest, callers: list[ChildProcess],
-                   idle: dict[str, Any]) -> dict[str, Any]:
+                   idle: dict[str, Any], setups: list[dict[str, Any]]) -> dict[str, Any]:
         o = self.o
         new = list(range(placed, target))
         say(f"-- step {number}: {target} call(s) ({len(new)} new)")
@@ -241,6 +251,7 @@ class Bench:
                 c.request("add", indexes=batch) for c, batch in zip(callers, batches, strict=True)
                 if batch))
             setup = [r for reply in replies for r in reply["results"]]
+            setups.extend(setup)
         failed_setup = [r for r in setup if r["state"] != "up"]
         say(f"   set up in {time.monotonic() - t:.1f} s"
             + (f", {len(failed_setup)} FAILED: {failed_setup[0]['failure']}"
@@ -270,6 +281,11 @@ class Bench:
             + ("  [generator saturated: " + "; ".join(v["generator_signs"]) + "]"
                if v["generator_saturated"] else ""))
         return step
+
+
+def phase_key(relay: str, transport: str) -> str:
+    """report.json's name for a phase: the relay, with "-tcp" when the callers use TCP."""
+    return relay if transport == "udp" else f"{relay}-{transport}"
 
 
 def progress_line(fig: dict[str, Any], elapsed: float, hold: float) -> str:

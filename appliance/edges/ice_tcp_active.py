@@ -30,7 +30,7 @@ import os
 import random
 import socket
 from collections import deque
-from typing import Any
+from typing import Any, cast
 
 from aioice import Candidate, ConnectionClosed
 from aiortc import RTCPeerConnection
@@ -84,9 +84,9 @@ class _FrameStream(asyncio.Protocol):
         self.answered = False  # a check of ours was answered with success on it
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        self._writer = FramedWriter(transport, self._send_limit)
+        # A stream transport (uvloop's is not an asyncio.Transport subclass).
+        self.transport = cast(asyncio.Transport, transport)
+        self._writer = FramedWriter(self.transport, self._send_limit)
 
     def send(self, data: bytes) -> None:
         if self._writer is not None and not self.lost:

@@ -125,7 +125,7 @@ def test_capacity_is_extrapolated_when_the_generator_runs_out_first() -> None:
 # -- a real run ------------------------------------------------------------------------------
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(320)
 @pytest.mark.skipif(shutil.which("sipp") is None, reason="sipp not installed")
 def test_short_bench_run_reports_real_figures(tmp_path: Path) -> None:
     if not system.loopback_only():
@@ -136,8 +136,8 @@ def test_short_bench_run_reports_real_figures(tmp_path: Path) -> None:
     run = subprocess.run(
         [sys.executable, "-m", "bench", "run", "--steps", "1,2", "--hold", "4",
          "--settle", "2", "--idle", "1", "--stop-after-failures", "9",
-         "--results-dir", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=200)
+         "--transports", "udp,tcp", "--results-dir", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=280)
     elapsed = time.monotonic() - started
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     assert "step 2: 2 call(s)" in run.stdout  # progress on the terminal
@@ -146,9 +146,11 @@ def test_short_bench_run_reports_real_figures(tmp_path: Path) -> None:
     assert report["machine"]["cores_logical"] >= 1 and report["machine"]["cpu_model"]
     assert report["machine"]["aiortc"] and report["machine"]["python"]
     assert report["machine"]["loopback_only_namespace"] is True
-    assert set(report["phases"]) == {"packet", "aiortc"}
-    for relay, phase in report["phases"].items():
+    assert set(report["phases"]) == {"packet", "packet-tcp", "aiortc"}
+    for key, phase in report["phases"].items():
+        relay = phase["relay"]
         assert phase["config"]["media"]["relay"] == relay
+        assert key == relay + ("-tcp" if phase["transport"] == "tcp" else "")
         assert [s["calls"] for s in phase["steps"]] == [1, 2], relay
         for step in phase["steps"]:
             where = f"{relay} at {step['calls']} call(s)"
@@ -174,8 +176,18 @@ def test_short_bench_run_reports_real_figures(tmp_path: Path) -> None:
     assert all(s["worker"]["decoders_created"] == 0 for s in report["phases"]["packet"]["steps"])
     assert report["phases"]["aiortc"]["steps"][-1]["worker"]["decoders_created"] > 0
     assert report["comparison"]["cpu_per_call_ratio"] > 1
+    # Over TCP the same relay, every leg on the worker's TCP port: compared in this run.
+    tcp = report["transport_comparison"]
+    assert tcp["calls_placed"] == {"udp": 2, "tcp": 2}
+    assert tcp["udp_cpu_per_call_net"] > 0 and tcp["tcp_cpu_per_call_net"] > 0
+    assert tcp["offer_to_dtls_p50_ms"]["tcp"] > 0 and tcp["offer_to_dtls_p50_ms"]["udp"] > 0
+    for key, connections in (("packet", 0), ("packet-tcp", 4)):  # 2 calls of 2 legs
+        steps = report["phases"][key]["steps"]
+        assert all(s["worker"]["decoders_created"] == 0 for s in steps)
+        assert steps[-1]["worker"]["ice_tcp_connections"] == connections, key
 
     assert (out / "plot.png").read_bytes()[:8] == PNG_SIGNATURE
     summary = (out / "summary.md").read_text()
     assert "calls per core" in summary and "baseline" in summary
+    assert "Ours over ICE-TCP against ours over UDP" in summary
     print(f"bench run took {elapsed:.0f} s")
