@@ -73,7 +73,10 @@ def appliance_sections(relay: str, workdir: Path, workers: int, max_calls: int, 
         "admin": {"port": free_port()},
         # Under load a setup can be slow; the bench reports setup times rather than have
         # the appliance give up on them at the product's default.
-        "media": {"addresses": [address], "dtls_timeout": 30.0, "relay": relay},
+        # Every caller is 127.0.0.1: over ICE-TCP all legs come from that one address.
+        "media": {"addresses": [address], "dtls_timeout": 30.0, "relay": relay,
+                  "tcp_max_connections": min(65535, 2 * channels + 16),
+                  "tcp_max_per_address": min(65535, 2 * channels + 16)},
         # Every simulated caller shares one address and two WebSockets: the per-client
         # shares of admission control (tests/e2e/test_admission.py) would cap the ramp.
         "admission": {"max_setup_per_connection": 0, "max_setup_per_address": 0,

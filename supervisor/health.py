@@ -88,6 +88,8 @@ _MEDIA_PORT_KEYS = {
     "ice_tcp_connections": "ICE-TCP connections accepted on the worker's TCP media port.",
     "ice_tcp_drops": "Media frames dropped whole towards ICE-TCP readers too slow for "
                      "media.tcp_send_buffer.",
+    "ice_tcp_refused": "ICE-TCP connections refused: over media.tcp_max_connections, or "
+                       "media.tcp_max_per_address from one address.",
 }
 
 

@@ -41,6 +41,7 @@ STATS_KEYS = {
     "ice_consent_failures": "consent_lost",
     "ice_tcp_connections": "tcp_accepted",
     "ice_tcp_drops": "tcp_frames_dropped",
+    "ice_tcp_refused": "tcp_refused",
 }
 
 
@@ -66,7 +67,9 @@ def lite_settings(media: MediaConfig) -> LiteSettings:
     own bounds again). The rest stay LiteSettings' defaults: its connect_timeout (30 s)
     is longer than media.dtls_timeout, so the leg's "Connect Timeout" comes first."""
     return LiteSettings(consent_timeout=media.consent_timeout,
-                        tcp_send_buffer=media.tcp_send_buffer)
+                        tcp_send_buffer=media.tcp_send_buffer,
+                        max_tcp_connections=media.tcp_max_connections,
+                        max_tcp_per_address=media.tcp_max_per_address)
 
 
 def wants_tcp(offer: p.Offer) -> bool:

@@ -92,14 +92,21 @@ class RoomWatch:
         loss = 100.0 * (expected - received) / expected if expected > 0 else 0.0
         # What the party lost of our video: its receiver reports, or its NACKs — our cache
         # repairs those, so the reports alone would hide a lossy downlink.
-        report = outgoing.receiver_report
-        reported = 100.0 * report.fraction_lost / 256 if report is not None else 0.0
         forwarded = outgoing.forwarded - counters.forwarded
         nacked = outgoing.nacked - counters.nacked
         counters.forwarded, counters.nacked = outgoing.forwarded, outgoing.nacked
-        nack_rate = 100.0 * nacked / forwarded if forwarded > 0 else 0.0
-        downlink = max(reported, min(nack_rate, 100.0))
-        remb = outgoing.receiver_remb_bps / 1000 if outgoing.receiver_remb_bps else None
+        if forwarded > 0:
+            report = outgoing.receiver_report
+            reported = 100.0 * report.fraction_lost / 256 if report is not None else 0.0
+            nack_rate = 100.0 * nacked / forwarded
+            downlink = max(reported, min(nack_rate, 100.0))
+            remb = outgoing.receiver_remb_bps / 1000 if outgoing.receiver_remb_bps else None
+        else:
+            # Nothing sent to the party this second (its video paused, or no camera): its
+            # last receiver report and REMB describe the past. A browser sends a REMB only
+            # as video arrives, so a low one from before a pause would otherwise hold
+            # "network congested" - which pauses this very path - for ever.
+            downlink, remb = 0.0, None
         log.debug("room %d: %s video in: jitter %.0f ms, loss %.0f%%; out: loss %.0f%%, REMB %s",
                   self.roomkey, name, stats.jitter_ms, loss, downlink, remb)
         return Sample(video_jitter_ms=stats.jitter_ms, video_loss_pct=max(loss, 0.0),

@@ -117,6 +117,12 @@ class MediaConfig(msgspec.Struct, forbid_unknown_fields=True):
     # Bytes queued towards one ICE-TCP connection that reads too slowly; a frame that does
     # not fit is dropped whole and counted (appliance/ice/tcp_writer.py).
     tcp_send_buffer: int = 256 * 1024
+    # ICE-TCP connections a worker's port holds (a call has one or two), and from one
+    # source address: a whole office behind one NAT (where UDP is blocked, the very case
+    # TCP is for) shares one, so this bounds one host, not one caller - as
+    # admission.max_calls_per_address bounds its calls (two legs each).
+    tcp_max_connections: int = 512
+    tcp_max_per_address: int = 100
     # On those ports: seconds without a valid ICE check from a call's browser (RFC 7675
     # consent; browsers check about every 5 s) before the call is released.
     consent_timeout: float = 30.0
@@ -358,6 +364,7 @@ CONSENT_TIMEOUT_MAX = 300.0
 # frame of RFC 4571's largest (2 + 65535 bytes) must fit; 16 MiB is many seconds of video.
 TCP_SEND_BUFFER_MIN = 2 + 65535
 TCP_SEND_BUFFER_MAX = 16 * 1024 * 1024
+TCP_CONNECTIONS_MAX = 65535  # each an open file of the worker's
 
 
 def _validate_media_ports(config: Config, source: str) -> None:
@@ -367,6 +374,9 @@ def _validate_media_ports(config: Config, source: str) -> None:
     if not TCP_SEND_BUFFER_MIN <= media.tcp_send_buffer <= TCP_SEND_BUFFER_MAX:
         raise ConfigError(f"{source}: media.tcp_send_buffer must be {TCP_SEND_BUFFER_MIN}.."
                           f"{TCP_SEND_BUFFER_MAX} bytes")
+    for name in ("tcp_max_connections", "tcp_max_per_address"):
+        if not 1 <= getattr(media, name) <= TCP_CONNECTIONS_MAX:
+            raise ConfigError(f"{source}: media.{name} must be 1..{TCP_CONNECTIONS_MAX}")
     n = config.worker_count()
     sip = config.sip
     taken = {

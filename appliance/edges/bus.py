@@ -162,6 +162,7 @@ class WorkerStats(_Msg, tag="stats"):
     ice_consent_failures: int = 0
     ice_tcp_connections: int = 0
     ice_tcp_drops: int = 0
+    ice_tcp_refused: int = 0  # connections over media.tcp_max_connections / _per_address
 
 
 ToWorker = StartCall | ClientAction | ConnectionClosed | DuplicateLogin | Shutdown | ByeDialogs

@@ -60,7 +60,7 @@ class TcpSettings:
     max_tcp_connections: int = 512  # per port (a call has one or two)
     # Per source address: a whole office behind one NAT (where UDP is blocked, the very
     # case TCP is for) shares one, so this is a bound on one host, not one caller.
-    max_tcp_per_address: int = 32
+    max_tcp_per_address: int = 100
     tcp_first_check_timeout: float = 10.0  # accepted -> first valid check, else closed
     tcp_max_frame: int = MAX_DATAGRAM  # a longer RFC 4571 frame cannot be media: closed
     consent_timeout: float = 30.0  # checked -> no valid check for this long: closed

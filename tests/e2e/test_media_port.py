@@ -144,6 +144,19 @@ def test_consent_timeout_is_validated() -> None:
             config.from_dict({"media": {"consent_timeout": bad}})
 
 
+def test_the_ice_tcp_connection_bounds_are_the_operators() -> None:
+    defaults = lite_settings(config.Config().media)
+    assert (defaults.max_tcp_connections, defaults.max_tcp_per_address) == (512, 100)
+    media = config.from_dict({"media": {"tcp_max_connections": 2000,
+                                        "tcp_max_per_address": 300}}).media
+    settings = lite_settings(media)
+    assert (settings.max_tcp_connections, settings.max_tcp_per_address) == (2000, 300)
+    for name in ("tcp_max_connections", "tcp_max_per_address"):
+        for bad in (0, 65536):
+            with pytest.raises(config.ConfigError, match=name):
+                config.from_dict({"media": {name: bad}})
+
+
 async def test_the_worker_stats_fields_are_the_ports_counters() -> None:
     # What WorkerStats carries is named by the port's own stats(): a renamed counter there
     # must fail here, not show 0 in /metrics for ever.
@@ -395,6 +408,26 @@ async def test_a_whole_call_over_tcp_voice_to_the_phone_and_video_both_ways(
         await client.close()
         await agent_client.close()
         sipp.kill()
+
+
+async def test_ice_tcp_connections_over_the_per_address_bound_are_refused_and_counted(
+    aps: Any, make_appliance: Any
+) -> None:
+    appliance = make_appliance(aps.url, workers={"count": 1},
+                               media={**media_ports(1), "tcp_max_per_address": 1,
+                                      "dtls_timeout": 3.0})
+    async with await MediaServerClient.connect(appliance.url) as client:
+        first = await offer_over_tcp(client)
+        await first.wait_for("dtls_connect", timeout=15)
+        # The same address again: its TCP connection is refused, so it never connects.
+        second = await offer_over_tcp(client)
+        release = (await second.wait_for("release", timeout=15)).action
+        assert (release.cause, release.causestring) == (16, "Connect Timeout"), release
+        assert metric(appliance, "worker_ice_tcp_refused_total", 0) >= 1
+        assert metric(appliance, "worker_ice_tcp_connections_total", 0) == 1
+        assert not first.ended  # the call within the bound goes on
+        await first.hangup()
+    assert appliance.count_in_log(r"ICE-TCP connections refused") >= 1
 
 
 async def test_an_offer_over_tcp_without_a_tcp_port_is_refused(
