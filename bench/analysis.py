@@ -216,12 +216,18 @@ def _cpu_at_common_step(a: dict[str, Any], b: dict[str, Any]
 
 def transport_comparison(udp: dict[str, Any], tcp: dict[str, Any]) -> dict[str, Any]:
     """Our relay with every leg over ICE-TCP beside it over UDP, in one run: the worker's
-    CPU per call at the same load, and the setup times (offer sent -> DTLS connected)
-    pooled over every call each phase placed."""
+    CPU per call at the same load, and the setup times (offer sent -> DTLS connected) of
+    every call placed in the steps both phases ran (setups slow down as calls pile up, so
+    a phase that ramped further must not be compared on its extra steps)."""
     at, udp_cpu, tcp_cpu = _cpu_at_common_step(udp, tcp)
+    both = {s["calls"] for s in udp["steps"]} & {s["calls"] for s in tcp["steps"]}
+
+    def samples(phase: dict[str, Any], key: str) -> list[float]:
+        return [s[key] for s in phase.get("setups", []) if s["step"] in both and key in s]
 
     def setup(phase: dict[str, Any], key: str) -> float | None:
-        return (phase.get("setup_ms") or {}).get(key, {}).get("p50")
+        values = sorted(samples(phase, key))
+        return round(values[len(values) // 2], 1) if values else None
 
     return {
         "cpu_compared_at_calls": at,
@@ -233,8 +239,9 @@ def transport_comparison(udp: dict[str, Any], tcp: dict[str, Any]) -> dict[str, 
         "offer_to_dtls_p50_ms": {"udp": setup(udp, "user_dtls"), "tcp": setup(tcp, "user_dtls")},
         "agent_offer_to_dtls_p50_ms": {"udp": setup(udp, "agent_dtls"),
                                        "tcp": setup(tcp, "agent_dtls")},
-        "calls_placed": {"udp": (udp.get("setup_ms") or {}).get("user_dtls", {}).get("n"),
-                         "tcp": (tcp.get("setup_ms") or {}).get("user_dtls", {}).get("n")},
+        "setup_compared_over_steps": sorted(both),
+        "calls_placed": {"udp": len(samples(udp, "user_dtls")),
+                         "tcp": len(samples(tcp, "user_dtls"))},
     }
 
 

@@ -113,6 +113,10 @@ def write_summary(result: dict[str, Any], path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def _calls(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:g}"
+
+
 def _ms(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.0f} ms"
 
@@ -129,11 +133,12 @@ def _transport_lines(tcp: dict[str, Any]) -> list[str]:
         f"TCP, {100 * tcp['udp_cpu_per_call_net']:.2f} % over UDP"
         + (f" ({ratio}x)" if ratio is not None else "")
         + (f", both at {at} calls" if at else ", at each one's first step"),
-        f"- Capacity per core: {tcp['tcp_capacity_per_core']} over TCP, "
-        f"{tcp['udp_capacity_per_core']} over UDP",
+        f"- Capacity per core: {_calls(tcp['tcp_capacity_per_core'])} over TCP, "
+        f"{_calls(tcp['udp_capacity_per_core'])} over UDP",
         f"- Offer sent -> DTLS connected, p50: customer leg {_ms(setup['tcp'])} over TCP, "
         f"{_ms(setup['udp'])} over UDP; agent leg {_ms(agent['tcp'])} / {_ms(agent['udp'])} "
-        f"({n['tcp']} / {n['udp']} calls placed)",
+        f"(medians of the {n['tcp']} / {n['udp']} calls placed in steps "
+        f"{', '.join(map(str, tcp['setup_compared_over_steps']))})",
         "",
     ]
 

@@ -197,7 +197,10 @@ class Bench:
             "transport": transport,
             "name": name,
             "config": aut.sections,
-            "setup_ms": measure.summarize_setup(setups),
+            "setup_ms": measure.summarize_setup([{"setup_ms": s} for s in setups]),
+            # Each call's setup times with the step that placed it (transport_comparison
+            # pools the steps two phases have in common).
+            "setups": setups,
             "idle": idle or None,
             "steps": steps,
             "capacity": cap,
@@ -251,7 +254,8 @@ class Bench:
                 c.request("add", indexes=batch) for c, batch in zip(callers, batches, strict=True)
                 if batch))
             setup = [r for reply in replies for r in reply["results"]]
-            setups.extend(setup)
+            setups.extend({"step": target, **r["setup_ms"]} for r in setup
+                          if r["state"] == "up")
         failed_setup = [r for r in setup if r["state"] != "up"]
         say(f"   set up in {time.monotonic() - t:.1f} s"
             + (f", {len(failed_setup)} FAILED: {failed_setup[0]['failure']}"
