@@ -6,15 +6,32 @@ STAMP := $(VENV)/.installed
 CONFIG ?= conf/appliance.toml
 PYTEST_ARGS ?=
 
-.PHONY: run test fuzz lint imports venv system-deps clean
+.PHONY: run test fuzz lint imports venv build-deps system-deps clean
 
-$(STAMP): pyproject.toml
+# The C extension (appliance/native) is built by pip from setup.py: a change to its source
+# reinstalls. Its build needs libsrtp2's headers (build-deps); without them pip still
+# installs, and the workers say they run the pure-Python packet path.
+NATIVE_SRC := setup.py $(wildcard appliance/native/*.c)
+
+$(STAMP): pyproject.toml $(NATIVE_SRC) | build-deps
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+# What building the package needs beyond gcc and the Python headers (on every machine here).
+build-deps:
+	@missing=""; \
+	pkg-config --exists libsrtp2 2>/dev/null || missing="$$missing libsrtp2-dev"; \
+	command -v pkg-config >/dev/null || missing="$$missing pkg-config"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+		$$SUDO apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
 
 # Debian packages the tests drive as real peers: sipp (sip-tester), Chromium and Firefox ESR,
 # ffmpeg, ip, nft, coturn (the TURN server of tests/e2e/test_turn.py, which starts its own;
@@ -61,3 +78,4 @@ fuzz: venv system-deps
 
 clean:
 	rm -rf $(VENV) data build *.egg-info
+	rm -f appliance/native/*.so

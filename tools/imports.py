@@ -23,7 +23,8 @@ PACKAGES = ("appliance", "supervisor", "workers", "reference_aps", "deskphone",
             "appliance_sdk", "launcher", "bench")
 # One node per unit in --units: a library layer or a program.
 UNITS = ("appliance.core", "appliance.sip", "appliance.media", "appliance.ice",
-         "appliance.recording", "appliance.edges", "appliance", *PACKAGES[1:])
+         "appliance.native", "appliance.recording", "appliance.edges", "appliance",
+         *PACKAGES[1:])
 
 # What each unit may import of ours: the layers, lowest first, then the programs. A library
 # never imports a program; programs share only libraries (the supervisor and the workers
@@ -34,19 +35,22 @@ MAY_IMPORT: dict[str, tuple[str, ...]] = {
     "appliance.sip": ("appliance.core",),
     "appliance.media": ("appliance.core",),
     "appliance.ice": ("appliance.core",),
+    "appliance.native": (),
     "appliance.recording": ("appliance.core", "appliance.media"),
-    "appliance.edges": ("appliance.core", "appliance.sip", "appliance.media", "appliance.ice"),
+    "appliance.edges": ("appliance.core", "appliance.sip", "appliance.media", "appliance.ice",
+                        "appliance.native"),
     "appliance": (),
     "supervisor": ("appliance.core", "appliance.sip", "appliance.recording", "appliance.edges"),
     "workers": ("appliance.core", "appliance.sip", "appliance.media", "appliance.ice",
-                "appliance.recording", "appliance.edges"),
+                "appliance.native", "appliance.recording", "appliance.edges"),
     "reference_aps": ("appliance.core",),
     "deskphone": ("appliance.core", "appliance.sip"),
     "appliance_sdk": ("appliance.core", "appliance.edges"),
     "launcher": ("appliance.core", "appliance.recording", "appliance.edges", "supervisor",
                  "reference_aps", "deskphone"),
     "bench": ("appliance.core", "appliance.sip", "appliance.media", "appliance.ice",
-              "appliance.edges", "appliance_sdk", "reference_aps", "deskphone"),
+              "appliance.native", "appliance.edges", "appliance_sdk", "reference_aps",
+              "deskphone"),
 }
 
 Graph = dict[str, set[str]]
