@@ -25,7 +25,7 @@ packetloop = Extension(
     sources=["appliance/native/_packetloop.c"],
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter",
                         *pkg_config("--cflags")],
-    extra_link_args=pkg_config("--libs") or ["-lsrtp2"],
+    extra_link_args=[*(pkg_config("--libs") or ["-lsrtp2"]), "-lm"],
     optional=True,
 )
 

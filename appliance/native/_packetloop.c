@@ -10,6 +10,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <math.h>
 #include <string.h>
 #include <srtp2/srtp.h>
 
@@ -205,11 +206,225 @@ static PyTypeObject SrtpType = {
     .tp_methods = Srtp_methods,
 };
 
+
+/* -- the relay's rewrite ------------------------------------------------------------- */
+
+/* RtpRewriter (appliance/media/rtp.py) in C: one outgoing stream fed by successive
+   sources (SSRCs), with our SSRC and payload type, sequence numbers +1 per packet sent,
+   timestamps continuous across source switches (a new source continues our timeline,
+   advanced by the wall-clock gap), the marker on the first packet after a switch when
+   mark_switches (audio). The initial sequence number and first timestamp are given, so
+   a test can hold it to the Python one byte for byte. */
+
+typedef struct {
+    PyObject_HEAD
+    uint32_t ssrc;
+    uint32_t clock_rate;
+    int mark_switches;
+    uint16_t seq;
+    uint32_t first_ts;   /* our timeline's start, for the first source */
+    int64_t source;      /* the current source's SSRC; -1 before the first */
+    uint32_t ts_offset;
+    int have_last;
+    uint32_t last_out_ts;
+    double last_wall;
+    int mark_next;
+    unsigned long long packets;
+    unsigned long long octets;
+} RewriterObject;
+
+static int Rewriter_init(RewriterObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"ssrc", "clock_rate", "mark_switches", "seq", "first_ts", NULL};
+    unsigned long ssrc, clock_rate, seq, first_ts;
+    int mark_switches;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "kkpkk", kwlist, &ssrc, &clock_rate,
+                                     &mark_switches, &seq, &first_ts))
+        return -1;
+    if (ssrc > 0xFFFFFFFFUL || seq > 0xFFFF || first_ts > 0xFFFFFFFFUL ||
+        clock_rate < 1 || clock_rate > 1000000) {
+        PyErr_SetString(PyExc_ValueError,
+                        "ssrc and first_ts are 32-bit, seq 16-bit, clock_rate 1..1000000");
+        return -1;
+    }
+    self->ssrc = (uint32_t)ssrc;
+    self->clock_rate = (uint32_t)clock_rate;
+    self->mark_switches = mark_switches;
+    self->seq = (uint16_t)seq;
+    self->first_ts = (uint32_t)first_ts;
+    self->source = -1;
+    self->ts_offset = 0;
+    self->have_last = 0;
+    self->last_out_ts = 0;
+    self->last_wall = 0.0;
+    self->mark_next = 0;
+    self->packets = self->octets = 0;
+    return 0;
+}
+
+/* RtpRewriter.stamp: our timestamp for `source`'s `timestamp`. */
+static uint32_t rewriter_stamp(RewriterObject *self, uint32_t source, uint32_t timestamp,
+                               double now) {
+    if ((int64_t)source != self->source) {
+        uint32_t target;
+        if (!self->have_last) {
+            target = self->first_ts;
+        } else {
+            /* Python: max(1, round(gap * clock_rate)); round() ties to even, as rint()
+               does in the default rounding mode. */
+            double ticks = rint((now - self->last_wall) * (double)self->clock_rate);
+            int64_t gap = ticks < 1.0 ? 1 : (ticks > 4294967295.0 ? 4294967295LL
+                                                                  : (int64_t)ticks);
+            target = (uint32_t)(self->last_out_ts + (uint64_t)gap);
+        }
+        self->ts_offset = target - timestamp;  /* mod 2^32 */
+        self->source = (int64_t)source;
+        if (self->mark_switches)
+            self->mark_next = 1;
+    }
+    uint32_t out_ts = timestamp + self->ts_offset;
+    self->last_out_ts = out_ts;
+    self->have_last = 1;
+    self->last_wall = now;
+    return out_ts;
+}
+
+/* RFC 3550 5.1: where the payload of `p` starts and ends (padding stripped), or -1. */
+static int rtp_payload_bounds(const unsigned char *p, Py_ssize_t len, Py_ssize_t *start,
+                              Py_ssize_t *end) {
+    if (len < RTP_HEADER || (p[0] & 0xC0) != 0x80)
+        return -1;
+    Py_ssize_t offset = RTP_HEADER + 4 * (p[0] & 0x0F);
+    if (p[0] & 0x10) {
+        if (len < offset + 4)
+            return -1;
+        offset += 4 + 4 * (((Py_ssize_t)p[offset + 2] << 8) | p[offset + 3]);
+    }
+    if (offset > len)
+        return -1;
+    Py_ssize_t stop = len;
+    if (p[0] & 0x20)
+        stop -= p[len - 1];
+    *start = offset;
+    *end = stop > offset ? stop : offset;
+    return 0;
+}
+
+/* abs-send-time (6.18 fixed-point seconds) in a one-byte-header extension block, as
+   rtp.abs_send_time_extension builds it. */
+static void abs_send_time_block(unsigned char *out, int ext_id, double wall) {
+    uint32_t value = (uint32_t)((int64_t)(wall * 262144.0)) & 0xFFFFFF;
+    out[0] = 0xBE; out[1] = 0xDE; out[2] = 0; out[3] = 1;
+    out[4] = (unsigned char)((ext_id << 4) | 2);
+    out[5] = (unsigned char)(value >> 16);
+    out[6] = (unsigned char)(value >> 8);
+    out[7] = (unsigned char)value;
+}
+
+static PyObject *Rewriter_relay(RewriterObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"packet", "payload_type", "now", "abs_send_time_id", "wall",
+                             NULL};
+    Py_buffer in;
+    int payload_type, ext_id = -1;
+    double now, wall = 0.0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "y*id|id", kwlist, &in, &payload_type,
+                                     &now, &ext_id, &wall))
+        return NULL;
+    if (payload_type < 0 || payload_type > 127 || ext_id > 14 || ext_id == 0) {
+        PyBuffer_Release(&in);
+        PyErr_SetString(PyExc_ValueError, "payload_type 0..127, abs_send_time_id 1..14");
+        return NULL;
+    }
+    const unsigned char *p = in.buf;
+    Py_ssize_t start, end;
+    if (rtp_payload_bounds(p, in.len, &start, &end) < 0) {
+        PyBuffer_Release(&in);
+        Py_RETURN_NONE;  /* not an RTP packet: nothing to relay */
+    }
+    int marker = (p[1] & 0x80) != 0;
+    uint32_t timestamp = ((uint32_t)p[4] << 24) | ((uint32_t)p[5] << 16) |
+                         ((uint32_t)p[6] << 8) | p[7];
+    uint32_t source = ((uint32_t)p[8] << 24) | ((uint32_t)p[9] << 16) |
+                      ((uint32_t)p[10] << 8) | p[11];
+    Py_ssize_t payload_len = end - start;
+    Py_ssize_t ext_len = ext_id > 0 ? 8 : 0;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, RTP_HEADER + ext_len + payload_len);
+    if (out == NULL) {
+        PyBuffer_Release(&in);
+        return NULL;
+    }
+    unsigned char *o = (unsigned char *)PyBytes_AS_STRING(out);
+    uint32_t out_ts = rewriter_stamp(self, source, timestamp, now);
+    if (self->mark_next) {
+        marker = 1;
+        self->mark_next = 0;
+    }
+    self->seq = (uint16_t)(self->seq + 1);
+    self->packets += 1;
+    self->octets += (unsigned long long)payload_len;
+    o[0] = ext_len ? 0x90 : 0x80;
+    o[1] = (unsigned char)((marker ? 0x80 : 0) | payload_type);
+    o[2] = (unsigned char)(self->seq >> 8); o[3] = (unsigned char)self->seq;
+    o[4] = (unsigned char)(out_ts >> 24); o[5] = (unsigned char)(out_ts >> 16);
+    o[6] = (unsigned char)(out_ts >> 8); o[7] = (unsigned char)out_ts;
+    o[8] = (unsigned char)(self->ssrc >> 24); o[9] = (unsigned char)(self->ssrc >> 16);
+    o[10] = (unsigned char)(self->ssrc >> 8); o[11] = (unsigned char)self->ssrc;
+    if (ext_len)
+        abs_send_time_block(o + RTP_HEADER, ext_id, wall);
+    memcpy(o + RTP_HEADER + ext_len, p + start, (size_t)payload_len);
+    PyBuffer_Release(&in);
+    return out;
+}
+
+static PyObject *Rewriter_get_seq(RewriterObject *self, void *closure) {
+    return PyLong_FromUnsignedLong(self->seq);
+}
+static PyObject *Rewriter_get_packets(RewriterObject *self, void *closure) {
+    return PyLong_FromUnsignedLongLong(self->packets);
+}
+static PyObject *Rewriter_get_octets(RewriterObject *self, void *closure) {
+    return PyLong_FromUnsignedLongLong(self->octets);
+}
+static PyObject *Rewriter_get_last_timestamp(RewriterObject *self, void *closure) {
+    return PyLong_FromUnsignedLong(self->have_last ? self->last_out_ts : 0);
+}
+static PyObject *Rewriter_get_ssrc(RewriterObject *self, void *closure) {
+    return PyLong_FromUnsignedLong(self->ssrc);
+}
+
+static PyGetSetDef Rewriter_getset[] = {
+    {"seq", (getter)Rewriter_get_seq, NULL, "the last sequence number sent", NULL},
+    {"packets", (getter)Rewriter_get_packets, NULL, "packets sent", NULL},
+    {"octets", (getter)Rewriter_get_octets, NULL, "payload octets sent", NULL},
+    {"last_timestamp", (getter)Rewriter_get_last_timestamp, NULL, "our last timestamp", NULL},
+    {"ssrc", (getter)Rewriter_get_ssrc, NULL, "our SSRC", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyMethodDef Rewriter_methods[] = {
+    {"relay", (PyCFunction)(void (*)(void))Rewriter_relay, METH_VARARGS | METH_KEYWORDS,
+     "relay(packet, payload_type, now, abs_send_time_id=-1, wall=0.0): the packet to send "
+     "for a received RTP packet (padding stripped, our header and abs-send-time), or None "
+     "when it is not RTP."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject RewriterType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "appliance.native._packetloop.Rewriter",
+    .tp_doc = "Rewriter(ssrc, clock_rate, mark_switches, seq, first_ts): RtpRewriter in C.",
+    .tp_basicsize = sizeof(RewriterObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Rewriter_init,
+    .tp_methods = Rewriter_methods,
+    .tp_getset = Rewriter_getset,
+};
+
 /* -- the module ---------------------------------------------------------------------- */
 
 static struct PyModuleDef packetloop_module = {
     PyModuleDef_HEAD_INIT, "appliance.native._packetloop",
-    "The worker's native packet path: SRTP (libsrtp2).", -1, NULL, NULL, NULL, NULL, NULL,
+    "The worker's native packet path: SRTP (libsrtp2), the relay's rewrite.", -1, NULL, NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC PyInit__packetloop(void) {
@@ -218,7 +433,7 @@ PyMODINIT_FUNC PyInit__packetloop(void) {
         PyErr_Format(PyExc_ImportError, "srtp_init failed: %s", srtp_status_text(status));
         return NULL;
     }
-    if (PyType_Ready(&SrtpType) < 0)
+    if (PyType_Ready(&SrtpType) < 0 || PyType_Ready(&RewriterType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&packetloop_module);
     if (m == NULL)
@@ -226,7 +441,8 @@ PyMODINIT_FUNC PyInit__packetloop(void) {
     SrtpError = PyErr_NewException("appliance.native._packetloop.SrtpError",
                                    PyExc_ValueError, NULL);
     if (SrtpError == NULL || PyModule_AddObjectRef(m, "SrtpError", SrtpError) < 0 ||
-        PyModule_AddObjectRef(m, "Srtp", (PyObject *)&SrtpType) < 0) {
+        PyModule_AddObjectRef(m, "Srtp", (PyObject *)&SrtpType) < 0 ||
+        PyModule_AddObjectRef(m, "Rewriter", (PyObject *)&RewriterType) < 0) {
         Py_DECREF(m);
         return NULL;
     }
