@@ -420,6 +420,207 @@ static PyTypeObject RewriterType = {
     .tp_getset = Rewriter_getset,
 };
 
+/* -- a received stream's figures ------------------------------------------------------ */
+
+/* StreamMeter + ReceiveStats (appliance/media/quality.py, rtp.py) in C: RFC 3550 A.1
+   sequence accounting (cycles, expected), A.8 interarrival jitter in timestamp units,
+   packets and bytes, marker-bit frames and bytes since the last window, and for VP8 the
+   keyframes with the picture size their header carries. Python reads it once a second. */
+
+typedef struct {
+    uint32_t clock_rate;
+    int is_vp8;
+    uint32_t ssrc;
+    int have_base;
+    uint16_t base_seq;
+    uint16_t max_seq;
+    uint64_t cycles;
+    uint64_t received;
+    uint64_t octets;
+    double jitter;
+    int have_transit;
+    double transit;
+    uint64_t keyframes;
+    uint16_t width, height;
+    uint64_t window_bytes;
+    uint64_t window_frames;
+} meter_t;
+
+/* RFC 7741 4.2: the offset of the VP8 data in an RTP payload, or -1. */
+static Py_ssize_t vp8_data_offset(const unsigned char *pl, Py_ssize_t len) {
+    if (len < 1)
+        return -1;
+    Py_ssize_t i = 1;
+    if (pl[0] & 0x80) {
+        if (len < 2)
+            return -1;
+        unsigned char ext = pl[1];
+        i = 2;
+        if (ext & 0x80) {
+            if (len <= i)
+                return -1;
+            i += (pl[i] & 0x80) ? 2 : 1;
+        }
+        if (ext & 0x40)
+            i += 1;
+        if (ext & 0x30)
+            i += 1;
+    }
+    return i < len ? i : -1;
+}
+
+/* 1 and the size when `pl` (at most 16 bytes of payload, as StreamMeter passes) starts a
+   VP8 keyframe whose header says its size (RFC 6386 9.1). */
+static int vp8_keyframe_size(const unsigned char *pl, Py_ssize_t len, uint16_t *w,
+                             uint16_t *h) {
+    if (len < 1 || (pl[0] & 0x17) != 0x10)
+        return 0;
+    Py_ssize_t at = vp8_data_offset(pl, len);
+    if (at < 0)
+        return 0;
+    const unsigned char *f = pl + at;
+    Py_ssize_t flen = len - at;
+    if (flen > 10)
+        flen = 10;
+    if (flen < 10 || (f[0] & 1) || f[3] != 0x9d || f[4] != 0x01 || f[5] != 0x2a)
+        return 0;
+    *w = (uint16_t)((f[6] | (f[7] << 8)) & 0x3FFF);
+    *h = (uint16_t)((f[8] | (f[9] << 8)) & 0x3FFF);
+    return 1;
+}
+
+/* One packet whose header parsed (payload at `offset`); 1 when it starts a keyframe. */
+static int meter_packet(meter_t *m, const unsigned char *p, Py_ssize_t len,
+                        Py_ssize_t offset, double arrival) {
+    uint16_t seq = (uint16_t)((p[2] << 8) | p[3]);
+    uint32_t ts = ((uint32_t)p[4] << 24) | ((uint32_t)p[5] << 16) | ((uint32_t)p[6] << 8) | p[7];
+    if (!m->have_base) {
+        m->have_base = 1;
+        m->base_seq = m->max_seq = seq;
+        m->ssrc = ((uint32_t)p[8] << 24) | ((uint32_t)p[9] << 16) | ((uint32_t)p[10] << 8) | p[11];
+    } else {
+        uint16_t delta = (uint16_t)(seq - m->max_seq);
+        if (delta > 0 && delta < 0x8000) {
+            if (seq < m->max_seq)
+                m->cycles += 0x10000;
+            m->max_seq = seq;
+        }
+    }
+    m->received += 1;
+    m->octets += (uint64_t)len;
+    double transit = arrival * (double)m->clock_rate - (double)ts;
+    if (m->have_transit) {
+        double d = fabs(transit - m->transit);
+        if (d < (double)m->clock_rate * 10)  /* a timestamp jump: a source switch */
+            m->jitter += (d - m->jitter) / 16;
+    }
+    m->transit = transit;
+    m->have_transit = 1;
+    m->window_bytes += (uint64_t)len;
+    if (p[1] & 0x80)
+        m->window_frames += 1;
+    if (m->is_vp8 && len > offset) {
+        Py_ssize_t n = len - offset < 16 ? len - offset : 16;
+        uint16_t w, h;
+        if (vp8_keyframe_size(p + offset, n, &w, &h)) {
+            m->keyframes += 1;
+            m->width = w;
+            m->height = h;
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* The payload offset RtpHeader.payload_offset gives (padding not stripped), or -1. */
+static Py_ssize_t rtp_payload_offset(const unsigned char *p, Py_ssize_t len) {
+    Py_ssize_t start, end;
+    if (rtp_payload_bounds(p, len, &start, &end) < 0)
+        return -1;
+    return start;
+}
+
+typedef struct {
+    PyObject_HEAD
+    meter_t m;
+} MeterObject;
+
+static int Meter_init(MeterObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"clock_rate", "is_vp8", NULL};
+    unsigned long clock_rate;
+    int is_vp8 = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "k|p", kwlist, &clock_rate, &is_vp8))
+        return -1;
+    if (clock_rate < 1 || clock_rate > 1000000) {
+        PyErr_SetString(PyExc_ValueError, "clock_rate must be 1..1000000");
+        return -1;
+    }
+    memset(&self->m, 0, sizeof self->m);
+    self->m.clock_rate = (uint32_t)clock_rate;
+    self->m.is_vp8 = is_vp8;
+    return 0;
+}
+
+static PyObject *Meter_packet(MeterObject *self, PyObject *args) {
+    Py_buffer in;
+    double arrival;
+    if (!PyArg_ParseTuple(args, "y*d", &in, &arrival))
+        return NULL;
+    Py_ssize_t offset = rtp_payload_offset(in.buf, in.len);
+    PyObject *result;
+    if (offset < 0) {
+        result = Py_None;
+    } else {
+        result = meter_packet(&self->m, in.buf, in.len, offset, arrival) ? Py_True : Py_False;
+    }
+    PyBuffer_Release(&in);
+    Py_INCREF(result);
+    return result;
+}
+
+static PyObject *Meter_take_window(MeterObject *self, PyObject *unused) {
+    PyObject *out = Py_BuildValue("(KK)", (unsigned long long)self->m.window_bytes,
+                                  (unsigned long long)self->m.window_frames);
+    self->m.window_bytes = self->m.window_frames = 0;
+    return out;
+}
+
+static PyObject *Meter_figures(MeterObject *self, PyObject *unused) {
+    const meter_t *m = &self->m;
+    uint64_t extended_max = m->cycles + m->max_seq;
+    uint64_t expected = m->have_base ? extended_max - m->base_seq + 1 : 0;
+    return Py_BuildValue("{sksKsKsKsKsdsKsisisK}", "ssrc", (unsigned long)m->ssrc,
+                         "received", (unsigned long long)m->received,
+                         "octets", (unsigned long long)m->octets,
+                         "expected", (unsigned long long)expected,
+                         "extended_max", (unsigned long long)extended_max,
+                         "jitter", m->jitter,
+                         "keyframes", (unsigned long long)m->keyframes,
+                         "width", (int)m->width, "height", (int)m->height,
+                         "window_frames", (unsigned long long)m->window_frames);
+}
+
+static PyMethodDef Meter_methods[] = {
+    {"packet", (PyCFunction)Meter_packet, METH_VARARGS,
+     "packet(data, arrival): account for one RTP packet; True when it starts a VP8 "
+     "keyframe, None when it is not RTP (nothing counted)."},
+    {"take_window", (PyCFunction)Meter_take_window, METH_NOARGS,
+     "(bytes, marker frames) since the last call; starts a new window."},
+    {"figures", (PyCFunction)Meter_figures, METH_NOARGS, "the counters, as a dict"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject MeterType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "appliance.native._packetloop.Meter",
+    .tp_doc = "Meter(clock_rate, is_vp8=False): StreamMeter and ReceiveStats in C.",
+    .tp_basicsize = sizeof(MeterObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Meter_init,
+    .tp_methods = Meter_methods,
+};
+
 /* -- the module ---------------------------------------------------------------------- */
 
 static struct PyModuleDef packetloop_module = {
@@ -433,7 +634,8 @@ PyMODINIT_FUNC PyInit__packetloop(void) {
         PyErr_Format(PyExc_ImportError, "srtp_init failed: %s", srtp_status_text(status));
         return NULL;
     }
-    if (PyType_Ready(&SrtpType) < 0 || PyType_Ready(&RewriterType) < 0)
+    if (PyType_Ready(&SrtpType) < 0 || PyType_Ready(&RewriterType) < 0 ||
+        PyType_Ready(&MeterType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&packetloop_module);
     if (m == NULL)
@@ -442,7 +644,8 @@ PyMODINIT_FUNC PyInit__packetloop(void) {
                                    PyExc_ValueError, NULL);
     if (SrtpError == NULL || PyModule_AddObjectRef(m, "SrtpError", SrtpError) < 0 ||
         PyModule_AddObjectRef(m, "Srtp", (PyObject *)&SrtpType) < 0 ||
-        PyModule_AddObjectRef(m, "Rewriter", (PyObject *)&RewriterType) < 0) {
+        PyModule_AddObjectRef(m, "Rewriter", (PyObject *)&RewriterType) < 0 ||
+        PyModule_AddObjectRef(m, "Meter", (PyObject *)&MeterType) < 0) {
         Py_DECREF(m);
         return NULL;
     }
