@@ -8,6 +8,7 @@
  * keeps a pointer into a Python object past the call that lent it.
  */
 #define PY_SSIZE_T_CLEAN
+#define _GNU_SOURCE  /* recvmmsg, sendmmsg */
 #include <Python.h>
 #include <stdint.h>
 #include <math.h>
@@ -621,6 +622,541 @@ static PyTypeObject MeterType = {
     .tp_methods = Meter_methods,
 };
 
+/* -- the worker port's loop ------------------------------------------------------------ */
+
+/* PortLoop owns the draining of one UDP socket (the worker's media port; Python keeps the
+   socket object and registers drain() as the event loop's reader). Each drain reads
+   datagrams in batches (recvmmsg); a datagram from a registered flow (a call's browser
+   address) that is SRTP with a routed payload type is unprotected with the flow's keys,
+   metered, rewritten and protected with the destination leg's keys, and sent in a batch
+   (sendmmsg) - Python never sees it. Everything else is handed up untouched, in one list
+   per drain: STUN, DTLS, RTCP, unrouted payload types, unknown sources. */
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+
+#define BATCH 64
+#define MAX_DATAGRAM 1500          /* appliance/media/datagrams.py */
+#define BUF_SIZE 2048              /* > MAX_DATAGRAM: a longer one shows as truncated */
+#define OUT_SIZE (MAX_DATAGRAM + 8 + SRTP_TRAILER)
+#define MAX_FLOWS 4096
+#define MAX_DRAIN 4096             /* datagrams per drain() call: the loop must yield */
+
+typedef struct {
+    struct sockaddr_storage addr;
+    socklen_t addr_len;
+} endpoint_t;
+
+typedef struct route {
+    int payload_type;              /* incoming */
+    int out_payload_type;
+    int ext_id;                    /* abs-send-time id, or -1 */
+    int paused;
+    int await_keyframe;
+    PyObject *meter;               /* MeterObject */
+    PyObject *rewriter;            /* RewriterObject */
+    PyObject *tx;                  /* SrtpObject: the destination leg's outbound keys */
+    endpoint_t dest;
+    uint64_t relayed;
+    uint64_t held;                 /* received while paused or waiting for a keyframe */
+    struct route *next;
+} route_t;
+
+typedef struct {
+    int used;
+    long id;
+    endpoint_t from;
+    PyObject *rx;                  /* SrtpObject: the leg's inbound keys */
+    route_t *routes;
+    uint64_t unprotect_failed;
+} flow_t;
+
+typedef struct {
+    PyObject_HEAD
+    int fd;
+    long next_id;
+    flow_t *flows;                 /* MAX_FLOWS slots */
+    int nflows;
+    flow_t *last_hit;
+    unsigned char (*in)[BUF_SIZE];
+    unsigned char (*out)[OUT_SIZE];
+    struct sockaddr_storage in_addr[BATCH];
+    struct mmsghdr in_msgs[BATCH];
+    struct iovec in_iov[BATCH];
+    struct mmsghdr out_msgs[BATCH];
+    struct iovec out_iov[BATCH];
+    uint64_t datagrams, relayed, handed_up, oversized, send_errors, drains;
+} PortLoopObject;
+
+static int endpoint_from(PyObject *host, int port, endpoint_t *ep) {
+    const char *text = PyUnicode_AsUTF8(host);
+    if (text == NULL)
+        return -1;
+    if (port < 1 || port > 65535) {
+        PyErr_SetString(PyExc_ValueError, "port must be 1..65535");
+        return -1;
+    }
+    memset(ep, 0, sizeof *ep);
+    struct sockaddr_in *v4 = (struct sockaddr_in *)&ep->addr;
+    struct sockaddr_in6 *v6 = (struct sockaddr_in6 *)&ep->addr;
+    if (inet_pton(AF_INET, text, &v4->sin_addr) == 1) {
+        v4->sin_family = AF_INET;
+        v4->sin_port = htons((uint16_t)port);
+        ep->addr_len = sizeof *v4;
+        return 0;
+    }
+    if (inet_pton(AF_INET6, text, &v6->sin6_addr) == 1) {
+        v6->sin6_family = AF_INET6;
+        v6->sin6_port = htons((uint16_t)port);
+        ep->addr_len = sizeof *v6;
+        return 0;
+    }
+    PyErr_Format(PyExc_ValueError, "not an IP address: %R", host);
+    return -1;
+}
+
+/* Whether two socket addresses name the same address and port (a v4 peer on a dual-stack
+   socket arrives as ::ffff:a.b.c.d and is registered as such by Python). */
+static int endpoint_equal(const struct sockaddr_storage *a, const struct sockaddr_storage *b) {
+    if (a->ss_family != b->ss_family)
+        return 0;
+    if (a->ss_family == AF_INET) {
+        const struct sockaddr_in *x = (const void *)a, *y = (const void *)b;
+        return x->sin_port == y->sin_port && x->sin_addr.s_addr == y->sin_addr.s_addr;
+    }
+    if (a->ss_family == AF_INET6) {
+        const struct sockaddr_in6 *x = (const void *)a, *y = (const void *)b;
+        return x->sin6_port == y->sin6_port &&
+               memcmp(&x->sin6_addr, &y->sin6_addr, sizeof x->sin6_addr) == 0;
+    }
+    return 0;
+}
+
+static PyObject *endpoint_tuple(const struct sockaddr_storage *a) {
+    char text[INET6_ADDRSTRLEN];
+    if (a->ss_family == AF_INET) {
+        const struct sockaddr_in *v4 = (const void *)a;
+        inet_ntop(AF_INET, &v4->sin_addr, text, sizeof text);
+        return Py_BuildValue("(si)", text, ntohs(v4->sin_port));
+    }
+    const struct sockaddr_in6 *v6 = (const void *)a;
+    inet_ntop(AF_INET6, &v6->sin6_addr, text, sizeof text);
+    return Py_BuildValue("(siII)", text, ntohs(v6->sin6_port),
+                         (unsigned int)ntohl(v6->sin6_flowinfo), (unsigned int)v6->sin6_scope_id);
+}
+
+static void route_free(route_t *r) {
+    Py_XDECREF(r->meter);
+    Py_XDECREF(r->rewriter);
+    Py_XDECREF(r->tx);
+    PyMem_Free(r);
+}
+
+static void flow_clear(flow_t *f) {
+    route_t *r = f->routes;
+    while (r != NULL) {
+        route_t *next = r->next;
+        route_free(r);
+        r = next;
+    }
+    Py_XDECREF(f->rx);
+    memset(f, 0, sizeof *f);
+}
+
+/* Flows take the lowest free slot, so the used ones sit at the front: the search stops
+   after the last. Consecutive datagrams mostly come from one browser: the last hit is
+   tried first. (A hash table is the next step when a worker holds hundreds of flows.) */
+static flow_t *flow_by_addr(PortLoopObject *self, const struct sockaddr_storage *from) {
+    flow_t *last = self->last_hit;
+    if (last != NULL && last->used && endpoint_equal(&last->from.addr, from))
+        return last;
+    for (int i = 0, seen = 0; i < MAX_FLOWS && seen < self->nflows; i++) {
+        flow_t *f = &self->flows[i];
+        if (!f->used)
+            continue;
+        seen++;
+        if (endpoint_equal(&f->from.addr, from)) {
+            self->last_hit = f;
+            return f;
+        }
+    }
+    return NULL;
+}
+
+static flow_t *flow_by_id(PortLoopObject *self, long id) {
+    for (int i = 0; i < MAX_FLOWS; i++)
+        if (self->flows[i].used && self->flows[i].id == id)
+            return &self->flows[i];
+    PyErr_Format(PyExc_KeyError, "no flow %ld", id);
+    return NULL;
+}
+
+static int PortLoop_init(PortLoopObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"fd", NULL};
+    int fd;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "i", kwlist, &fd))
+        return -1;
+    if (fd < 0) {
+        PyErr_SetString(PyExc_ValueError, "fd must be a socket's file descriptor");
+        return -1;
+    }
+    if (self->flows == NULL) {
+        self->flows = PyMem_Calloc(MAX_FLOWS, sizeof(flow_t));
+        self->in = PyMem_Malloc(sizeof(*self->in) * BATCH);
+        self->out = PyMem_Malloc(sizeof(*self->out) * BATCH);
+        if (self->flows == NULL || self->in == NULL || self->out == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+    }
+    self->fd = fd;
+    self->next_id = 1;
+    return 0;
+}
+
+static void PortLoop_dealloc(PortLoopObject *self) {
+    if (self->flows != NULL) {
+        for (int i = 0; i < MAX_FLOWS; i++)
+            if (self->flows[i].used)
+                flow_clear(&self->flows[i]);
+        PyMem_Free(self->flows);
+    }
+    PyMem_Free(self->in);
+    PyMem_Free(self->out);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *PortLoop_add_flow(PortLoopObject *self, PyObject *args) {
+    PyObject *host, *rx;
+    int port;
+    if (!PyArg_ParseTuple(args, "UiO!", &host, &port, &SrtpType, &rx))
+        return NULL;
+    endpoint_t ep;
+    if (endpoint_from(host, port, &ep) < 0)
+        return NULL;
+    if (flow_by_addr(self, &ep.addr) != NULL) {
+        PyErr_SetString(PyExc_ValueError, "a flow from that address exists");
+        return NULL;
+    }
+    for (int i = 0; i < MAX_FLOWS; i++) {
+        flow_t *f = &self->flows[i];
+        if (!f->used) {
+            f->used = 1;
+            f->id = self->next_id++;
+            f->from = ep;
+            Py_INCREF(rx);
+            f->rx = rx;
+            f->routes = NULL;
+            self->nflows++;
+            return PyLong_FromLong(f->id);
+        }
+    }
+    PyErr_SetString(PyExc_OverflowError, "too many flows on this port");
+    return NULL;
+}
+
+static PyObject *PortLoop_remove_flow(PortLoopObject *self, PyObject *arg) {
+    long id = PyLong_AsLong(arg);
+    if (id == -1 && PyErr_Occurred())
+        return NULL;
+    flow_t *f = flow_by_id(self, id);
+    if (f == NULL)
+        return NULL;
+    flow_clear(f);
+    self->nflows--;
+    Py_RETURN_NONE;
+}
+
+static PyObject *PortLoop_add_route(PortLoopObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"flow", "payload_type", "meter", "rewriter", "out_payload_type",
+                             "tx", "host", "port", "abs_send_time_id", NULL};
+    long id;
+    int pt, out_pt, port, ext_id = -1;
+    PyObject *meter, *rewriter, *tx, *host;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "liO!O!iO!Ui|i", kwlist, &id, &pt,
+                                     &MeterType, &meter, &RewriterType, &rewriter, &out_pt,
+                                     &SrtpType, &tx, &host, &port, &ext_id))
+        return NULL;
+    if (pt < 0 || pt > 127 || out_pt < 0 || out_pt > 127 || ext_id == 0 || ext_id > 14) {
+        PyErr_SetString(PyExc_ValueError, "payload types 0..127, abs_send_time_id 1..14");
+        return NULL;
+    }
+    if (((SrtpObject *)tx)->session == NULL) {
+        PyErr_SetString(PyExc_ValueError, "tx session not initialised");
+        return NULL;
+    }
+    flow_t *f = flow_by_id(self, id);
+    if (f == NULL)
+        return NULL;
+    for (route_t *r = f->routes; r != NULL; r = r->next)
+        if (r->payload_type == pt) {
+            PyErr_SetString(PyExc_ValueError, "that payload type is routed already");
+            return NULL;
+        }
+    route_t *r = PyMem_Calloc(1, sizeof *r);
+    if (r == NULL)
+        return PyErr_NoMemory();
+    if (endpoint_from(host, port, &r->dest) < 0) {
+        PyMem_Free(r);
+        return NULL;
+    }
+    r->payload_type = pt;
+    r->out_payload_type = out_pt;
+    r->ext_id = ext_id;
+    r->await_keyframe = 1;  /* a receiver can use deltas only after a keyframe */
+    Py_INCREF(meter); r->meter = meter;
+    Py_INCREF(rewriter); r->rewriter = rewriter;
+    Py_INCREF(tx); r->tx = tx;
+    r->next = f->routes;
+    f->routes = r;
+    Py_RETURN_NONE;
+}
+
+static route_t *route_of(PortLoopObject *self, long id, int pt) {
+    flow_t *f = flow_by_id(self, id);
+    if (f == NULL)
+        return NULL;
+    for (route_t *r = f->routes; r != NULL; r = r->next)
+        if (r->payload_type == pt)
+            return r;
+    PyErr_Format(PyExc_KeyError, "flow %ld routes no payload type %d", id, pt);
+    return NULL;
+}
+
+static PyObject *PortLoop_set_paused(PortLoopObject *self, PyObject *args) {
+    long id;
+    int pt, paused;
+    if (!PyArg_ParseTuple(args, "lip", &id, &pt, &paused))
+        return NULL;
+    route_t *r = route_of(self, id, pt);
+    if (r == NULL)
+        return NULL;
+    if (r->paused && !paused)
+        r->await_keyframe = 1;  /* resumed: forward again from a fresh keyframe */
+    r->paused = paused;
+    Py_RETURN_NONE;
+}
+
+static PyObject *PortLoop_route_stats(PortLoopObject *self, PyObject *args) {
+    long id;
+    int pt;
+    if (!PyArg_ParseTuple(args, "li", &id, &pt))
+        return NULL;
+    route_t *r = route_of(self, id, pt);
+    if (r == NULL)
+        return NULL;
+    return Py_BuildValue("{sKsKsisi}", "relayed", (unsigned long long)r->relayed,
+                         "held", (unsigned long long)r->held, "paused", r->paused,
+                         "await_keyframe", r->await_keyframe);
+}
+
+/* One datagram from a known flow; 1 if it was relayed (or consumed: a forged packet). */
+static int relay_one(PortLoopObject *self, flow_t *f, unsigned char *buf, int len,
+                     double now, double wall, int *nout) {
+    if (len < RTP_HEADER || buf[0] < 128 || buf[0] > 191 || (buf[1] >= 192 && buf[1] <= 223))
+        return 0;  /* not SRTP RTP (RFC 7983, RFC 5761): up to Python */
+    int pt = buf[1] & 0x7F;
+    route_t *r = f->routes;
+    while (r != NULL && r->payload_type != pt)
+        r = r->next;
+    if (r == NULL)
+        return 0;  /* Python's payload type (audio to the phone, telephone-events...) */
+    SrtpObject *rx = (SrtpObject *)f->rx;
+    if (srtp_unprotect(rx->session, buf, &len) != srtp_err_status_ok) {
+        f->unprotect_failed += 1;  /* anyone can send these, or a duplicate: count only */
+        return 1;
+    }
+    Py_ssize_t start, end;
+    if (rtp_payload_bounds(buf, len, &start, &end) < 0)
+        return 1;
+    int keyframe = meter_packet(&((MeterObject *)r->meter)->m, buf, len, start, now);
+    if (r->paused) {
+        r->held += 1;
+        return 1;
+    }
+    if (r->await_keyframe) {
+        if (!keyframe) {
+            r->held += 1;
+            return 1;
+        }
+        r->await_keyframe = 0;
+    }
+    RewriterObject *rw = (RewriterObject *)r->rewriter;
+    int marker = (buf[1] & 0x80) != 0;
+    uint32_t timestamp = ((uint32_t)buf[4] << 24) | ((uint32_t)buf[5] << 16) |
+                         ((uint32_t)buf[6] << 8) | buf[7];
+    uint32_t source = ((uint32_t)buf[8] << 24) | ((uint32_t)buf[9] << 16) |
+                      ((uint32_t)buf[10] << 8) | buf[11];
+    int ext_len = r->ext_id > 0 ? 8 : 0;
+    Py_ssize_t payload_len = end - start;
+    if (RTP_HEADER + ext_len + payload_len > MAX_DATAGRAM)
+        return 1;
+    unsigned char *o = self->out[*nout];
+    uint32_t out_ts = rewriter_stamp(rw, source, timestamp, now);
+    if (rw->mark_next) {
+        marker = 1;
+        rw->mark_next = 0;
+    }
+    rw->seq = (uint16_t)(rw->seq + 1);
+    rw->packets += 1;
+    rw->octets += (unsigned long long)payload_len;
+    o[0] = ext_len ? 0x90 : 0x80;
+    o[1] = (unsigned char)((marker ? 0x80 : 0) | r->out_payload_type);
+    o[2] = (unsigned char)(rw->seq >> 8); o[3] = (unsigned char)rw->seq;
+    o[4] = (unsigned char)(out_ts >> 24); o[5] = (unsigned char)(out_ts >> 16);
+    o[6] = (unsigned char)(out_ts >> 8); o[7] = (unsigned char)out_ts;
+    o[8] = (unsigned char)(rw->ssrc >> 24); o[9] = (unsigned char)(rw->ssrc >> 16);
+    o[10] = (unsigned char)(rw->ssrc >> 8); o[11] = (unsigned char)rw->ssrc;
+    if (ext_len)
+        abs_send_time_block(o + RTP_HEADER, r->ext_id, wall);
+    memcpy(o + RTP_HEADER + ext_len, buf + start, (size_t)payload_len);
+    int out_len = (int)(RTP_HEADER + ext_len + payload_len);
+    if (srtp_protect(((SrtpObject *)r->tx)->session, o, &out_len) != srtp_err_status_ok)
+        return 1;
+    self->out_iov[*nout].iov_base = o;
+    self->out_iov[*nout].iov_len = (size_t)out_len;
+    struct msghdr *h = &self->out_msgs[*nout].msg_hdr;
+    memset(h, 0, sizeof *h);
+    h->msg_name = &r->dest.addr;
+    h->msg_namelen = r->dest.addr_len;
+    h->msg_iov = &self->out_iov[*nout];
+    h->msg_iovlen = 1;
+    *nout += 1;
+    r->relayed += 1;
+    return 1;
+}
+
+static void flush_out(PortLoopObject *self, int nout) {
+    int sent = 0;
+    while (sent < nout) {
+        int n = sendmmsg(self->fd, &self->out_msgs[sent], (unsigned int)(nout - sent),
+                         MSG_DONTWAIT);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            /* A full socket buffer or an ICMP error for an earlier datagram: a real-time
+               packet is dropped, not queued (counted). */
+            self->send_errors += 1;
+            sent += 1;
+            continue;
+        }
+        self->relayed += (uint64_t)n;
+        sent += n;
+    }
+}
+
+static PyObject *PortLoop_drain(PortLoopObject *self, PyObject *args) {
+    double now, wall;
+    if (!PyArg_ParseTuple(args, "dd", &now, &wall))
+        return NULL;
+    PyObject *up = PyList_New(0);
+    if (up == NULL)
+        return NULL;
+    self->drains += 1;
+    int total = 0;
+    while (total < MAX_DRAIN) {
+        for (int i = 0; i < BATCH; i++) {
+            self->in_iov[i].iov_base = self->in[i];
+            self->in_iov[i].iov_len = BUF_SIZE;
+            struct msghdr *h = &self->in_msgs[i].msg_hdr;
+            memset(h, 0, sizeof *h);
+            h->msg_name = &self->in_addr[i];
+            h->msg_namelen = sizeof self->in_addr[i];
+            h->msg_iov = &self->in_iov[i];
+            h->msg_iovlen = 1;
+        }
+        int n = recvmmsg(self->fd, self->in_msgs, BATCH, MSG_DONTWAIT, NULL);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            break;  /* EAGAIN: drained; another error is the socket's, Python will see it */
+        }
+        if (n == 0)
+            break;
+        int nout = 0;
+        for (int i = 0; i < n; i++) {
+            unsigned char *buf = self->in[i];
+            int len = (int)self->in_msgs[i].msg_len;
+            self->datagrams += 1;
+            if ((self->in_msgs[i].msg_hdr.msg_flags & MSG_TRUNC) || len > MAX_DATAGRAM ||
+                len == 0) {
+                self->oversized += 1;
+                continue;
+            }
+            flow_t *f = self->nflows ? flow_by_addr(self, &self->in_addr[i]) : NULL;
+            if (f != NULL && f->routes != NULL && relay_one(self, f, buf, len, now, wall, &nout))
+                continue;
+            PyObject *addr = endpoint_tuple(&self->in_addr[i]);
+            PyObject *data = PyBytes_FromStringAndSize((const char *)buf, len);
+            PyObject *item = (addr && data) ? PyTuple_Pack(2, data, addr) : NULL;
+            Py_XDECREF(addr);
+            Py_XDECREF(data);
+            if (item == NULL || PyList_Append(up, item) < 0) {
+                Py_XDECREF(item);
+                flush_out(self, nout);
+                Py_DECREF(up);
+                return NULL;
+            }
+            Py_DECREF(item);
+            self->handed_up += 1;
+        }
+        flush_out(self, nout);
+        total += n;
+        if (n < BATCH)
+            break;
+    }
+    return up;
+}
+
+static PyObject *PortLoop_stats(PortLoopObject *self, PyObject *unused) {
+    uint64_t unprotect_failed = 0;
+    for (int i = 0; i < MAX_FLOWS; i++)
+        if (self->flows[i].used)
+            unprotect_failed += self->flows[i].unprotect_failed;
+    return Py_BuildValue("{sKsKsKsKsKsKsKsi}", "datagrams", (unsigned long long)self->datagrams,
+                         "relayed", (unsigned long long)self->relayed,
+                         "handed_up", (unsigned long long)self->handed_up,
+                         "oversized", (unsigned long long)self->oversized,
+                         "send_errors", (unsigned long long)self->send_errors,
+                         "drains", (unsigned long long)self->drains,
+                         "unprotect_failed", (unsigned long long)unprotect_failed,
+                         "flows", self->nflows);
+}
+
+static PyMethodDef PortLoop_methods[] = {
+    {"add_flow", (PyCFunction)PortLoop_add_flow, METH_VARARGS,
+     "add_flow(host, port, rx): a call's browser address and its inbound SRTP keys; the "
+     "flow's id."},
+    {"remove_flow", (PyCFunction)PortLoop_remove_flow, METH_O, "forget a flow and its routes"},
+    {"add_route", (PyCFunction)(void (*)(void))PortLoop_add_route,
+     METH_VARARGS | METH_KEYWORDS,
+     "add_route(flow, payload_type, meter, rewriter, out_payload_type, tx, host, port, "
+     "abs_send_time_id=-1): relay that payload type to host:port (from a keyframe)."},
+    {"set_paused", (PyCFunction)PortLoop_set_paused, METH_VARARGS,
+     "set_paused(flow, payload_type, paused): hold or resume a route (resumed: from the "
+     "next keyframe)."},
+    {"route_stats", (PyCFunction)PortLoop_route_stats, METH_VARARGS, "one route's counters"},
+    {"drain", (PyCFunction)PortLoop_drain, METH_VARARGS,
+     "drain(now, wall): read what the socket holds, relay what is routed; the rest as a "
+     "list of (datagram, address)."},
+    {"stats", (PyCFunction)PortLoop_stats, METH_NOARGS, "the loop's counters"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject PortLoopType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "appliance.native._packetloop.PortLoop",
+    .tp_doc = "PortLoop(fd): the native receive-relay-send loop of one UDP media socket.",
+    .tp_basicsize = sizeof(PortLoopObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)PortLoop_init,
+    .tp_dealloc = (destructor)PortLoop_dealloc,
+    .tp_methods = PortLoop_methods,
+};
+
 /* -- the module ---------------------------------------------------------------------- */
 
 static struct PyModuleDef packetloop_module = {
@@ -635,7 +1171,7 @@ PyMODINIT_FUNC PyInit__packetloop(void) {
         return NULL;
     }
     if (PyType_Ready(&SrtpType) < 0 || PyType_Ready(&RewriterType) < 0 ||
-        PyType_Ready(&MeterType) < 0)
+        PyType_Ready(&MeterType) < 0 || PyType_Ready(&PortLoopType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&packetloop_module);
     if (m == NULL)
@@ -645,7 +1181,8 @@ PyMODINIT_FUNC PyInit__packetloop(void) {
     if (SrtpError == NULL || PyModule_AddObjectRef(m, "SrtpError", SrtpError) < 0 ||
         PyModule_AddObjectRef(m, "Srtp", (PyObject *)&SrtpType) < 0 ||
         PyModule_AddObjectRef(m, "Rewriter", (PyObject *)&RewriterType) < 0 ||
-        PyModule_AddObjectRef(m, "Meter", (PyObject *)&MeterType) < 0) {
+        PyModule_AddObjectRef(m, "Meter", (PyObject *)&MeterType) < 0 ||
+        PyModule_AddObjectRef(m, "PortLoop", (PyObject *)&PortLoopType) < 0) {
         Py_DECREF(m);
         return NULL;
     }
