@@ -176,6 +176,7 @@ class HealthBook:
                 # What the worker refused from the network (issue 10), since it started.
                 **{key: getattr(stats, key) if stats else 0 for key in _REFUSAL_KEYS},
                 **{key: getattr(stats, key) if stats else 0 for key in _MEDIA_PORT_KEYS},
+                "native_loop": stats.native_loop if stats else 0,
             })
         calls = [
             {"channel": r.channel, "worker": r.worker, "dialogid": r.dialogid, "ref": r.ref,
@@ -242,6 +243,9 @@ class HealthBook:
             ("worker_decoders_created_total", "counter",
              "Media decoders created (the relay never decodes: should stay 0).",
              "decoders_created"),
+            ("worker_native_loop", "gauge", "1 while the native packet loop drains the "
+             "worker's UDP media port; 0: the pure-Python path (not built, or "
+             "media.native_loop = false).", "native_loop"),
             *((f"worker_{key}_total", "counter", help_text, key)
               for key, help_text in _REFUSAL_KEYS.items()),
             *((f"worker_{key}_total", "counter", help_text, key)

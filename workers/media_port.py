@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from aiortc import RTCPeerConnection
 from msgspec import UNSET
 
+from appliance import native
 from appliance.core import protocol as p
 from appliance.core.config import MediaConfig
 from appliance.edges.lite_transport import (
@@ -42,6 +43,7 @@ STATS_KEYS = {
     "ice_tcp_connections": "tcp_accepted",
     "ice_tcp_drops": "tcp_frames_dropped",
     "ice_tcp_refused": "tcp_refused",
+    "native_loop": "native_loop",  # a gauge: 1 while the native loop drains the UDP port
 }
 
 
@@ -69,7 +71,17 @@ def lite_settings(media: MediaConfig) -> LiteSettings:
     return LiteSettings(consent_timeout=media.consent_timeout,
                         tcp_send_buffer=media.tcp_send_buffer,
                         max_tcp_connections=media.tcp_max_connections,
-                        max_tcp_per_address=media.tcp_max_per_address)
+                        max_tcp_per_address=media.tcp_max_per_address,
+                        native_loop=media.native_loop)
+
+
+def packet_path(port: WorkerMediaPort, settings: LiteSettings) -> str:
+    """Which packet path drains the UDP port, for the operator's log."""
+    if port.native_loop:
+        return f"native packet loop ({native.module().LIBSRTP_VERSION})"
+    if not settings.native_loop:
+        return "pure-Python packet path (media.native_loop = false)"
+    return f"pure-Python packet path: {native.WHY_NOT}"
 
 
 def wants_tcp(offer: p.Offer) -> bool:
@@ -120,8 +132,8 @@ class MediaPort:
                       "\"media port unavailable\" until it restarts with the port free",
                       index, error)
             return cls(plan, None, error, settings)
-        log.info("worker %d: WebRTC media on %s (ICE-lite, consent %g s)", index,
-                 plan.describe(), settings.consent_timeout)
+        log.info("worker %d: WebRTC media on %s (ICE-lite, consent %g s); %s", index,
+                 plan.describe(), settings.consent_timeout, packet_path(port, settings))
         return cls(plan, port, "", settings)
 
     def refusal(self, tcp_only: bool) -> Event | None:

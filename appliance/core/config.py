@@ -123,6 +123,9 @@ class MediaConfig(msgspec.Struct, forbid_unknown_fields=True):
     # admission.max_calls_per_address bounds its calls (two legs each).
     tcp_max_connections: int = 512
     tcp_max_per_address: int = 100
+    # The native packet loop (appliance.native, issue 13) drains the worker's UDP media
+    # port when it is built; false: the pure-Python path only (the reference).
+    native_loop: bool = True
     # On those ports: seconds without a valid ICE check from a call's browser (RFC 7675
     # consent; browsers check about every 5 s) before the call is released.
     consent_timeout: float = 30.0

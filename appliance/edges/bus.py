@@ -163,6 +163,7 @@ class WorkerStats(_Msg, tag="stats"):
     ice_tcp_connections: int = 0
     ice_tcp_drops: int = 0
     ice_tcp_refused: int = 0  # connections over media.tcp_max_connections / _per_address
+    native_loop: int = 0  # 1 while appliance.native's loop drains the worker's UDP port
 
 
 ToWorker = StartCall | ClientAction | ConnectionClosed | DuplicateLogin | Shutdown | ByeDialogs

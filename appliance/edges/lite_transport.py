@@ -38,6 +38,7 @@ import itertools
 import logging
 import re
 import socket
+import time
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
@@ -48,6 +49,8 @@ from aioice.candidate import candidate_foundation, candidate_priority
 from aiortc import RTCPeerConnection
 from aiortc.rtcicetransport import RTCIceParameters, RTCIceTransport
 
+from appliance import native
+from appliance.core.throttle import Tally
 from appliance.edges.ice_tcp import IceTcpEdge, TcpPair, TcpSettings
 from appliance.ice.lite import (
     ConsentLost,
@@ -114,6 +117,9 @@ class LiteSettings:
     check_rate: float = 50.0  # checks per call per second we verify (HMACs we compute)
     check_burst: float = 100.0
     queue: int = 256  # datagrams waiting for aiortc's DTLS reader (the fast path takes SRTP)
+    # Drain the UDP socket with the native loop (appliance.native: recvmmsg in batches) when
+    # it is built; what it does not relay itself comes up as before.
+    native_loop: bool = False
     # ICE-TCP: ice_tcp.TcpSettings' fields, its defaults and its bounds (and consent_timeout).
     tcp_send_buffer: int = _TCP_DEFAULTS.tcp_send_buffer
     max_tcp_connections: int = _TCP_DEFAULTS.max_tcp_connections
@@ -170,8 +176,14 @@ class UdpPair:
 SelectedPair = UdpPair | TcpPair
 
 
+_handler_failed = Tally(log, "media datagrams whose handling raised (the rest of the batch "
+                            "went on)")
+
+
 class SharedUdpPort(asyncio.DatagramProtocol):
-    """One bound address's UDP socket: every call's ICE, DTLS and SRTP on it."""
+    """One bound address's UDP socket: every call's ICE, DTLS and SRTP on it. Read by
+    asyncio's datagram transport, or - `native` - drained by the native loop from a reader
+    callback, which hands up what it does not relay itself."""
 
     def __init__(self, port: WorkerMediaPort, sock: socket.socket, announce: str) -> None:
         self._port = port
@@ -180,6 +192,33 @@ class SharedUdpPort(asyncio.DatagramProtocol):
         self.announce = announce
         self.port = int(sock.getsockname()[1])
         self.transport: asyncio.DatagramTransport | None = None
+        self.native: Any = None  # appliance.native's PortLoop on this socket
+
+    def use_native(self) -> None:
+        """Drain this socket with the native loop (instead of a datagram transport)."""
+        self.native = native.module().PortLoop(self._sock.fileno())
+        self._port._loop.add_reader(self._sock.fileno(), self._readable)
+
+    def _readable(self) -> None:
+        loop = self._port._loop
+        for data, addr in self.native.drain(loop.time(), time.time()):
+            try:
+                self.datagram_received(data, addr)
+            except Exception as exc:  # one datagram's failure must not drop the batch
+                _handler_failed.note(loop.time(), (str(addr[0]), int(addr[1])),
+                                     f"{type(exc).__name__}: {exc}")
+
+    def native_stats(self) -> dict[str, int]:
+        return self.native.stats() if self.native is not None else {}
+
+    def close(self) -> None:
+        if self.native is not None:
+            self._port._loop.remove_reader(self._sock.fileno())
+            self._sock.close()
+        elif self.transport is not None:
+            self.transport.close()
+        else:
+            self._sock.close()
 
     def sendto(self, data: bytes, dest: tuple[Any, ...]) -> None:
         # Straight on the socket: asyncio's transport would queue without bound when the
@@ -270,7 +309,15 @@ class WorkerMediaPort:
             raise
         shared = SharedUdpPort(self, sock, address.announce)
         self._udp.append(shared)
-        await self._loop.create_datagram_endpoint(lambda: shared, sock=sock)
+        if self.settings.native_loop and native.AVAILABLE:
+            shared.use_native()
+        else:
+            await self._loop.create_datagram_endpoint(lambda: shared, sock=sock)
+
+    @property
+    def native_loop(self) -> bool:
+        """Whether the native loop drains this port's UDP sockets."""
+        return bool(self._udp) and all(shared.native is not None for shared in self._udp)
 
     # -- what the worker reads ------------------------------------------------------------
 
@@ -301,6 +348,10 @@ class WorkerMediaPort:
             out.update({f.name: getattr(counters, f.name) for f in fields(counters)})
         out["calls"] = len(self._conns)
         out["tcp_open"] = self._tcp.open_connections
+        out["native_loop"] = int(self.native_loop)
+        for key in ("datagrams", "relayed", "handed_up", "oversized", "send_errors"):
+            out[f"native_{key}"] = sum(s.native_stats().get(key, 0) for s in self._udp)
+        out["udp_oversized"] += out["native_oversized"]  # too long for media either way
         return out
 
     def close(self) -> None:
@@ -315,10 +366,7 @@ class WorkerMediaPort:
             self._release(ufrag, "the media port closed")
         self._tcp.close()
         for shared in self._udp:
-            if shared.transport is not None:
-                shared.transport.close()
-            else:
-                shared._sock.close()
+            shared.close()
 
     # -- calls ----------------------------------------------------------------------------
 

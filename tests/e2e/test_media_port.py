@@ -32,6 +32,7 @@ from typing import Any
 import aioice.ice
 import pytest
 
+from appliance import native
 from appliance.core import config
 from appliance.edges import bus
 from appliance.edges.ice_tcp_active import ActiveTcpConnection
@@ -166,11 +167,13 @@ async def test_the_worker_stats_fields_are_the_ports_counters() -> None:
     wrapped = MediaPort(PortPlan(port.udp_port, 0), port, "", settings)
     try:
         assert set(STATS_KEYS.values()) <= set(port.stats())
-        assert wrapped.stats() == dict.fromkeys(STATS_KEYS, 0)
+        native_loop = int(native.AVAILABLE)  # media.native_loop is on by default
+        assert wrapped.stats() == {**dict.fromkeys(STATS_KEYS, 0), "native_loop": native_loop}
         assert set(STATS_KEYS) <= set(bus.WorkerStats.__struct_fields__)
     finally:
         wrapped.close()
-    assert wrapped.port is None and wrapped.stats() == dict.fromkeys(STATS_KEYS, 0)
+    assert wrapped.port is None
+    assert wrapped.stats() == {**dict.fromkeys(STATS_KEYS, 0), "native_loop": native_loop}
 
 
 # -- voice and video over the port ------------------------------------------------------
@@ -210,6 +213,31 @@ async def test_voice_to_the_desk_phone_over_the_worker_port(
         await client.close()
         sipp.kill()
     assert appliance.count_in_log(r"WebRTC media on UDP \d+ and TCP \d+ \(ICE-lite") == 2
+    if native.AVAILABLE:  # the default: the native loop drains each worker's UDP port
+        assert appliance.count_in_log(r"; native packet loop \(libsrtp2 ") == 2
+        assert metric(appliance, "worker_native_loop", 0) == 1
+
+
+async def test_the_pure_python_path_when_the_native_loop_is_off(
+    tmp_path: Path, aps: Any, make_appliance: Any
+) -> None:
+    sipp = await desk_phone(tmp_path, "desk_echo.xml")
+    appliance = make_appliance(aps.url, sip={"proxy": sipp.address},
+                               media={**media_ports(), "native_loop": False})
+    client, call, track, reader = await place_call(appliance)
+    try:
+        await call.wait_for("Join", timeout=15)
+        await asyncio.sleep(2)
+        report = reader.report(track)
+        assert report.received > 50 and report.loss_pct < 2.0, report
+        await call.hangup()
+        await sipp_ok(sipp)
+    finally:
+        await client.close()
+        sipp.kill()
+    assert appliance.count_in_log(
+        r"; pure-Python packet path \(media\.native_loop = false\)") == 2
+    assert metric(appliance, "worker_native_loop", 0) == 0
 
 
 async def test_video_between_customer_and_agent_over_the_worker_port(
