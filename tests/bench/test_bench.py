@@ -18,8 +18,9 @@ from typing import Any
 
 import pytest
 
+from appliance import native
 from appliance.media.quality import vp8_keyframe_size
-from bench import analysis, system
+from bench import analysis, native_path, system
 from bench.media_cache import VP8_S_BIT, VideoParams, load_or_make_clip, packetize
 from bench.pacer import TxVideo
 from bench.rtp_stats import RxStream
@@ -191,3 +192,16 @@ def test_short_bench_run_reports_real_figures(tmp_path: Path) -> None:
     assert "calls per core" in summary and "baseline" in summary
     assert "Ours over ICE-TCP against ours over UDP" in summary
     print(f"bench run took {elapsed:.0f} s")
+
+
+@pytest.mark.skipif(not native.AVAILABLE, reason=native.WHY_NOT)
+def test_the_native_path_micro_bench_relays_every_packet_on_both_paths() -> None:
+    if not system.loopback_only():
+        pytest.fail("run in the loopback-only namespace: tests/in-loopback-netns.sh ...")
+    results = native_path.measure(500)
+    for path in ("native", "python"):
+        figures = results[path]
+        assert figures["received"] == 500 and figures["us_per_packet"] > 0, (path, figures)
+    stats = results["native"]["stats"]
+    assert stats["relayed"] == 500 and stats["handed_up"] == 0 and stats["send_errors"] == 0
+    assert results["python_over_native"] is not None and results["srtp_profile"]
