@@ -36,7 +36,7 @@ import random
 import re
 import time
 from collections.abc import Callable, Container, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pylibsrtp
@@ -457,6 +457,33 @@ class SrtpFastPath:
             sender.close()
         self._senders.clear()
         self._last_pair = self._last_send = None
+
+
+@dataclass(frozen=True)
+class SrtpKeys:
+    """One connected leg's SRTP keys, as aiortc derived them for its own sessions (RFC 5764
+    section 4.2): for the native packet path, whose sessions must match aiortc's."""
+
+    profile: int  # libsrtp's srtp_profile_t (pylibsrtp.Policy.SRTP_PROFILE_*)
+    rx: bytes = field(repr=False)  # key + salt of what the browser sends us
+    tx: bytes = field(repr=False)  # key + salt of what we send the browser
+
+
+def srtp_keys(pc: RTCPeerConnection) -> SrtpKeys:
+    """The SRTP keys of `pc`'s DTLS transport (BUNDLE: one), re-derived exactly as
+    RTCDtlsTransport._setup_srtp does. RuntimeError before DTLS is up."""
+    dtls = _dtls_transport(pc)
+    if dtls is None or dtls._rx_srtp is None or dtls._ssl is None:
+        raise RuntimeError("DTLS-SRTP is not established on this peer connection")
+    selected = dtls._ssl.get_selected_srtp_profile()
+    profile = next((p for p in dtls._srtp_profiles if p.openssl_profile == selected), None)
+    if profile is None:
+        raise RuntimeError(f"no SRTP profile for {selected!r}")
+    view = dtls._ssl.export_keying_material(
+        b"EXTRACTOR-dtls_srtp", 2 * (profile.key_length + profile.salt_length))
+    ours, theirs = (1, 0) if dtls._role == "server" else (0, 1)
+    return SrtpKeys(profile.libsrtp_profile, rx=profile.get_key_and_salt(view, theirs),
+                    tx=profile.get_key_and_salt(view, ours))
 
 
 def _dtls_transport(pc: RTCPeerConnection) -> RTCDtlsTransport | None:

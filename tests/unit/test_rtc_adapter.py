@@ -8,6 +8,7 @@ import pytest
 from aiortc import RTCPeerConnection, RTCRtpSender
 from aiortc.mediastreams import MediaStreamError
 
+from appliance import native
 from appliance.edges.lite_transport import LiteConnection
 from appliance.edges.rtc_adapter import (
     CandidatePolicy,
@@ -18,6 +19,7 @@ from appliance.edges.rtc_adapter import (
     check_hooks,
     make_configuration,
     sender_ssrc,
+    srtp_keys,
 )
 from appliance.media import rtp
 
@@ -256,3 +258,46 @@ async def test_relay_gathering_only_where_the_policy_says_and_never_past_its_tim
         assert server.received and server.received[0][:2] == b"\x00\x03"  # Allocate request
     finally:
         transport.close()
+
+
+@pytest.mark.skipif(not native.AVAILABLE, reason=native.WHY_NOT)
+async def test_srtp_keys_give_native_sessions_that_speak_with_aiortcs() -> None:
+    """The keys re-derived from a real DTLS handshake (srtp_keys) make native sessions
+    equal to aiortc's own: each side's native tx is unprotected by the other side's aiortc
+    rx, and the profile is the one negotiated (run in the loopback-only namespace)."""
+    policy = CandidatePolicy.from_strings(["127.0.0.1"])
+    a, b = (RTCPeerConnection(make_configuration([])) for _ in range(2))
+    a.addTransceiver("audio", direction="sendrecv")
+    apply_candidate_policy(a, policy)
+    m = native.module()
+    try:
+        with pytest.raises(RuntimeError):
+            srtp_keys(a)  # no DTLS yet
+        await a.setLocalDescription(await a.createOffer())
+        await b.setRemoteDescription(a.localDescription)
+        b.addTrack(SilentTrack("audio"))
+        apply_candidate_policy(b, policy)
+        await b.setLocalDescription(await b.createAnswer())
+        await a.setRemoteDescription(b.localDescription)
+        for _ in range(500):
+            if a.connectionState == b.connectionState == "connected":
+                break
+            await asyncio.sleep(0.01)
+        assert a.connectionState == b.connectionState == "connected"
+        keys_a, keys_b = srtp_keys(a), srtp_keys(b)
+        assert keys_a.tx == keys_b.rx and keys_a.rx == keys_b.tx and keys_a.tx != keys_a.rx
+        assert keys_a.profile == keys_b.profile == m.PROFILE_AEAD_AES_256_GCM  # aiortc's 1st
+        packet = rtp.build(96, False, 7, 1234, 0x5151, b"\x10" + bytes(300))
+        for sender, sent_with, receiver, received_with in ((a, keys_a, b, keys_b),
+                                                           (b, keys_b, a, keys_a)):
+            # Native out, aiortc in; then aiortc out, native in.
+            native_tx = m.Srtp(sent_with.profile, sent_with.tx, True)
+            aiortc_rx = receiver.getTransceivers()[0].receiver.transport._rx_srtp
+            assert aiortc_rx.unprotect(native_tx.protect(packet)) == packet
+            aiortc_tx = sender.getTransceivers()[0].sender.transport._tx_srtp
+            native_rx = m.Srtp(received_with.profile, received_with.rx, False)
+            other = rtp.build(96, False, 9, 1, 0x6262, b"\x10" + bytes(50))
+            assert native_rx.unprotect(aiortc_tx.protect(other)) == other
+    finally:
+        await a.close()
+        await b.close()
