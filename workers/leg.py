@@ -255,6 +255,11 @@ class WebRtcLeg:
     # -- packets -------------------------------------------------------------------------
 
     @property
+    def lite_connections(self) -> list[LiteConnection]:
+        """Its ICE connections on the worker's media port (none on per-call sockets)."""
+        return list(self._lite)
+
+    @property
     def relaying(self) -> bool:
         """Whether the fast path was attached (DTLS came up)."""
         return self.fast_path is not None

@@ -115,6 +115,7 @@ class MediaPort:
         self.error = error  # why `port` is None
         self.settings = settings
         self._final: dict[str, int] = {}  # the counters at close: reports stay monotonic
+        self._final_native = (0, 0)
 
     @property
     def consent_timeout(self) -> float:
@@ -156,9 +157,17 @@ class MediaPort:
         raw = self.port.stats()
         return {field: int(raw[key]) for field, key in STATS_KEYS.items()}
 
+    def native_packets(self) -> tuple[int, int]:
+        """(received, sent) RTP packets the native loop relayed without Python."""
+        if self.port is None:
+            return self._final_native
+        raw = self.port.stats()
+        return int(raw["native_routed_in"]), int(raw["native_relayed"])
+
     def close(self) -> None:
         """At the worker's shutdown, after its calls (their connections leave the port)."""
         self._final = self.stats()
+        self._final_native = self.native_packets()
         port, self.port = self.port, None
         if port is not None:
             port.close()

@@ -18,6 +18,7 @@ from appliance.media import rtcp
 from appliance.media.codec_choice import CodecChoice
 from appliance.media.quality import StreamMeter
 from appliance.media.video import VIDEO_CLOCK, VideoPath, VideoSink
+from workers import native_video
 
 PacketSink = Callable[[bytes], None]
 FeedbackSink = Callable[[rtcp.Feedback], None]
@@ -30,7 +31,11 @@ class RelayedLeg(Protocol):
     """What a relay strategy may use of a browser's WebRTC leg (`WebRtcLeg`)."""
 
     pc: Any  # the aiortc peer connection, for strategies that relay through its tracks
+    channel: int
     video: CodecChoice | None  # None: the browser sends no video
+
+    @property
+    def lite_connections(self) -> list[Any]: ...  # on the worker's media port (else none)
 
     @property
     def relaying(self) -> bool: ...  # its fast path is attached (DTLS came up)
@@ -87,12 +92,20 @@ class PacketRelay:
             # Agent's camera to the customer; the customer's RTCP about it comes back here.
             agent_video.connect(customer.video_sink())
             customer.route_feedback(customer.our_ssrc("video"), agent_video.from_sink_feedback)
+            self._offload(agent_video, agent, customer)
         if customer_video is not None and agent.video is not None:
             customer_video.connect(agent.video_sink())
             agent.route_feedback(agent.our_ssrc("video"), customer_video.from_sink_feedback)
+            self._offload(customer_video, customer, agent)
+
+    @staticmethod
+    def _offload(path: VideoPath, source: RelayedLeg, sink: RelayedLeg) -> None:
+        # The native loop relays it where it can be exactly this relay (else we do).
+        native_video.offload(path, source, sink, recorded=path.tap is not None)
 
     def part(self, customer: RelayedLeg, customer_video: VideoPath | None) -> None:
         if customer_video is not None:
+            native_video.withdraw(customer_video)
             customer_video.disconnect()
         customer.clear_feedback()
 

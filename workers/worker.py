@@ -279,6 +279,10 @@ class Worker:
             live = call.relayed()
             received += live.received
             sent += live.sent
+        if self.media_port is not None:  # what the native loop relayed without Python
+            native_received, native_sent = self.media_port.native_packets()
+            received += native_received
+            sent += native_sent
         p50, p99 = self.lag.percentiles()
         self.send(bus.WorkerStats(
             index=self.index, pid=os.getpid(), calls=len(self.calls),

@@ -40,7 +40,7 @@ import re
 import socket
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
@@ -171,6 +171,15 @@ class UdpPair:
 
     def send(self, data: bytes) -> None:
         self._socket.sendto(data, self._dest)
+
+    @property
+    def socket(self) -> SharedUdpPort:
+        return self._socket
+
+    @property
+    def dest(self) -> tuple[Any, ...]:
+        """The browser's address as the kernel reports it (::ffff:-mapped on dual stack)."""
+        return self._dest
 
 
 SelectedPair = UdpPair | TcpPair
@@ -349,7 +358,8 @@ class WorkerMediaPort:
         out["calls"] = len(self._conns)
         out["tcp_open"] = self._tcp.open_connections
         out["native_loop"] = int(self.native_loop)
-        for key in ("datagrams", "relayed", "handed_up", "oversized", "send_errors"):
+        for key in ("datagrams", "routed_in", "relayed", "handed_up", "oversized",
+                    "send_errors"):
             out[f"native_{key}"] = sum(s.native_stats().get(key, 0) for s in self._udp)
         out["udp_oversized"] += out["native_oversized"]  # too long for media either way
         return out
@@ -534,6 +544,9 @@ class LiteConnection:
         self._event_waiter: asyncio.Future[None] | None = None
         self.failure: str | None = None  # why the transport ended, for the release cause
         self.queue_drops = 0
+        # Called with the new selected pair when it changes, and with None when the
+        # connection ends (the native relay follows a browser that moves).
+        self.on_select: list[Callable[[SelectedPair | None], None]] = []
 
     def __repr__(self) -> str:
         return f"LiteConnection({self._creds.ufrag})"
@@ -648,16 +661,28 @@ class LiteConnection:
     def _select(self, pair: SelectedPair, *, nominated: bool) -> None:
         if self.failure is not None:
             return
+        previous = self._nominated.get(1)
         self._nominated[1] = pair
+        if previous is not None and previous is not pair and (
+                getattr(previous, "path", None) != getattr(pair, "path", None)):
+            self._notify(pair)
         self.nominated = self.nominated or nominated
         if not self._connected.done():
             self._connected.set_result(None)
+
+    def _notify(self, pair: SelectedPair | None) -> None:
+        for observer in list(self.on_select):
+            try:
+                observer(pair)
+            except Exception:  # an observer's bug must not break the transport
+                log.exception("ICE-lite: a selected-pair observer failed")
 
     def _shutdown(self, reason: str) -> None:
         if self.failure is not None:
             return
         self.failure = reason
         self._nominated.clear()  # SrtpFastPath stops sending when there is no pair
+        self._notify(None)
         self._rx.clear()
         # The ICE monitor is woken before the DTLS reader (asyncio runs them in this
         # order): the peer connection then goes "failed" - what the leg releases on -

@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from appliance.media import rtcp, rtp
 from appliance.media.quality import StreamMeter
@@ -36,6 +37,20 @@ class VideoSink:
     # refuses to protect a sequence number it has passed (a "replay") and a jump back
     # would leave the browser's picture frozen.
     rewriter: rtp.RtpRewriter | None = None
+    # The same stream's native rewriter and SRTP sender, once the native loop relays to
+    # this leg (workers/native_video.py): kept for the leg's life, for the same reason.
+    native_rewriter: Any = None
+    native_tx: Any = None
+
+
+class Offload(Protocol):
+    """Someone else relaying this path's packets (workers/native_video.py: the native
+    loop): while set, the path keeps its RTCP duties and hands these over."""
+
+    def relayed(self) -> int: ...  # packets it forwarded to the sink
+    def set_paused(self, paused: bool) -> None: ...
+    def retransmit(self, lost: tuple[int, ...]) -> int: ...
+    def source_ssrc(self) -> int | None: ...  # the sending browser's SSRC, once seen
 
 
 class VideoPath:
@@ -44,7 +59,7 @@ class VideoPath:
         self.meter = meter
         self._send_to_source = send_to_source  # RTCP towards the sending browser
         self._feedback_ssrc = feedback_ssrc  # our SSRC on the sending browser's leg
-        self.source_ssrc: int | None = None
+        self._source_ssrc: int | None = None
         # The recorder's tap: (payload, marker, timestamp, sequence) of every packet received.
         self.tap: Callable[[bytes, bool, int, int], None] | None = None
         self.sink: VideoSink | None = None
@@ -54,7 +69,8 @@ class VideoPath:
         self.pause_reasons: set[str] = set()  # conditions holding this direction's video
         # After (re)connecting, deltas are useless to the receiver until a keyframe.
         self.awaiting_keyframe = True
-        self.forwarded = 0
+        self._forwarded = 0
+        self.offload: Offload | None = None
         self.retransmitted = 0
         self.nacked = 0  # sequence numbers the receiver reported lost (before any repair)
         self.keyframe_requests = 0
@@ -82,13 +98,13 @@ class VideoPath:
         if header is None:
             return
         keyframe = self.meter.packet(header, packet, time.monotonic())
-        self.source_ssrc = header.ssrc
+        self._source_ssrc = header.ssrc
         payload = rtp.payload_of(packet, header)
         if self.tap is not None:
             self.tap(payload, header.marker, header.timestamp, header.sequence)
         sink, rewriter = self.sink, self.rewriter
-        if sink is None or rewriter is None or self.pause_reasons:
-            return
+        if sink is None or rewriter is None or self.pause_reasons or self.offload is not None:
+            return  # (offloaded: what still comes this way raced a move; the offload relays)
         if self.awaiting_keyframe:
             if not keyframe:
                 return
@@ -99,7 +115,25 @@ class VideoPath:
                                payload, extension=extension)
         self._cache[(out[2] << 8 | out[3]) % NACK_CACHE] = out  # bytes 2-3: sequence
         sink.send_rtp(out)
-        self.forwarded += 1
+        self._forwarded += 1
+
+    @property
+    def source_ssrc(self) -> int | None:
+        """The sending browser's SSRC (what PLI and REMB name), once a packet came."""
+        if self._source_ssrc is None and self.offload is not None:
+            return self.offload.source_ssrc()
+        return self._source_ssrc
+
+    @property
+    def forwarded(self) -> int:
+        """Packets sent on to the sink, by us or by the offload."""
+        offload = self.offload
+        return self._forwarded + (offload.relayed() if offload is not None else 0)
+
+    def take_back(self, forwarded: int) -> None:
+        """The offload ended having forwarded `forwarded` packets: the count goes on."""
+        self.offload = None
+        self._forwarded += forwarded
 
     # -- RTCP from the receiving browser -------------------------------------------------
 
@@ -121,6 +155,9 @@ class VideoPath:
         sink = self.sink
         if sink is None:
             return
+        if self.offload is not None:  # it sent those packets: it keeps them
+            self.retransmitted += self.offload.retransmit(lost)
+            return
         for seq in lost:
             cached = self._cache[seq % NACK_CACHE]
             # The slot may hold a newer packet by now: check its sequence number.
@@ -134,6 +171,8 @@ class VideoPath:
 
     def pause(self, reason: str) -> None:
         self.pause_reasons.add(reason)
+        if self.offload is not None:
+            self.offload.set_paused(True)
 
     def resume(self, reason: str) -> None:
         """Lift one reason; when none is left, forward again from a fresh keyframe."""
@@ -142,6 +181,8 @@ class VideoPath:
         self.pause_reasons.discard(reason)
         if not self.pause_reasons:
             self.awaiting_keyframe = True
+            if self.offload is not None:
+                self.offload.set_paused(False)  # it waits for the keyframe asked for here
             self.request_keyframe(force=True)
 
     def request_keyframe(self, force: bool = False) -> bool:

@@ -392,6 +392,20 @@ static PyObject *Rewriter_get_ssrc(RewriterObject *self, void *closure) {
     return PyLong_FromUnsignedLong(self->ssrc);
 }
 
+/* The whole state, for a Python RtpRewriter to take the stream over where this one is. */
+static PyObject *Rewriter_state(RewriterObject *self, PyObject *unused) {
+    return Py_BuildValue("{sksLsksOskOsdsOsKsK}", "seq", (unsigned long)self->seq,
+                         "source", (long long)self->source,
+                         "ts_offset", (unsigned long)self->ts_offset,
+                         "have_last", self->have_last ? Py_True : Py_False,
+                         "last_out_ts", (unsigned long)self->last_out_ts,
+                         "first_ts_pending", self->have_last ? Py_False : Py_True,
+                         "last_wall", self->last_wall,
+                         "mark_next", self->mark_next ? Py_True : Py_False,
+                         "packets", (unsigned long long)self->packets,
+                         "octets", (unsigned long long)self->octets);
+}
+
 static PyGetSetDef Rewriter_getset[] = {
     {"seq", (getter)Rewriter_get_seq, NULL, "the last sequence number sent", NULL},
     {"packets", (getter)Rewriter_get_packets, NULL, "packets sent", NULL},
@@ -402,6 +416,7 @@ static PyGetSetDef Rewriter_getset[] = {
 };
 
 static PyMethodDef Rewriter_methods[] = {
+    {"state", (PyCFunction)Rewriter_state, METH_NOARGS, "the rewriter's state, as a dict"},
     {"relay", (PyCFunction)(void (*)(void))Rewriter_relay, METH_VARARGS | METH_KEYWORDS,
      "relay(packet, payload_type, now, abs_send_time_id=-1, wall=0.0): the packet to send "
      "for a received RTP packet (padding stripped, our header and abs-send-time), or None "
@@ -695,7 +710,7 @@ typedef struct {
     struct iovec in_iov[BATCH];
     struct mmsghdr out_msgs[BATCH];
     struct iovec out_iov[BATCH];
-    uint64_t datagrams, relayed, handed_up, oversized, send_errors, drains;
+    uint64_t datagrams, relayed, handed_up, oversized, send_errors, drains, routed_in;
 } PortLoopObject;
 
 static int endpoint_from(PyObject *host, int port, endpoint_t *ep) {
@@ -937,6 +952,66 @@ static route_t *route_of(PortLoopObject *self, long id, int pt) {
     return NULL;
 }
 
+static PyObject *PortLoop_remove_route(PortLoopObject *self, PyObject *args) {
+    long id;
+    int pt;
+    if (!PyArg_ParseTuple(args, "li", &id, &pt))
+        return NULL;
+    flow_t *f = flow_by_id(self, id);
+    if (f == NULL)
+        return NULL;
+    for (route_t **at = &f->routes; *at != NULL; at = &(*at)->next) {
+        if ((*at)->payload_type == pt) {
+            route_t *gone = *at;
+            *at = gone->next;
+            route_free(gone);
+            Py_RETURN_NONE;
+        }
+    }
+    PyErr_Format(PyExc_KeyError, "flow %ld routes no payload type %d", id, pt);
+    return NULL;
+}
+
+/* The browser of a flow moved (a valid check from a new address, ICE-lite): its packets
+   come from there now. */
+static PyObject *PortLoop_move_flow(PortLoopObject *self, PyObject *args) {
+    long id;
+    PyObject *host;
+    int port;
+    if (!PyArg_ParseTuple(args, "lUi", &id, &host, &port))
+        return NULL;
+    flow_t *f = flow_by_id(self, id);
+    if (f == NULL)
+        return NULL;
+    endpoint_t ep;
+    if (endpoint_from(host, port, &ep) < 0)
+        return NULL;
+    flow_t *other = flow_by_addr(self, &ep.addr);
+    if (other != NULL && other != f) {
+        PyErr_SetString(PyExc_ValueError, "another flow has that address");
+        return NULL;
+    }
+    f->from = ep;
+    Py_RETURN_NONE;
+}
+
+/* The receiving browser moved: a route's packets go to its new address. */
+static PyObject *PortLoop_set_route_dest(PortLoopObject *self, PyObject *args) {
+    long id;
+    int pt, port;
+    PyObject *host;
+    if (!PyArg_ParseTuple(args, "liUi", &id, &pt, &host, &port))
+        return NULL;
+    route_t *r = route_of(self, id, pt);
+    if (r == NULL)
+        return NULL;
+    endpoint_t ep;
+    if (endpoint_from(host, port, &ep) < 0)
+        return NULL;
+    r->dest = ep;
+    Py_RETURN_NONE;
+}
+
 static PyObject *PortLoop_set_paused(PortLoopObject *self, PyObject *args) {
     long id;
     int pt, paused;
@@ -1023,6 +1098,7 @@ static int relay_one(PortLoopObject *self, flow_t *f, unsigned char *buf, int le
         f->unprotect_failed += 1;  /* anyone can send these, or a duplicate: count only */
         return 1;
     }
+    self->routed_in += 1;
     Py_ssize_t start, end;
     if (rtp_payload_bounds(buf, len, &start, &end) < 0)
         return 1;
@@ -1185,7 +1261,8 @@ static PyObject *PortLoop_stats(PortLoopObject *self, PyObject *unused) {
     for (int i = 0; i < MAX_FLOWS; i++)
         if (self->flows[i].used)
             unprotect_failed += self->flows[i].unprotect_failed;
-    return Py_BuildValue("{sKsKsKsKsKsKsKsi}", "datagrams", (unsigned long long)self->datagrams,
+    return Py_BuildValue("{sKsKsKsKsKsKsKsKsi}", "datagrams", (unsigned long long)self->datagrams,
+                         "routed_in", (unsigned long long)self->routed_in,
                          "relayed", (unsigned long long)self->relayed,
                          "handed_up", (unsigned long long)self->handed_up,
                          "oversized", (unsigned long long)self->oversized,
@@ -1204,6 +1281,12 @@ static PyMethodDef PortLoop_methods[] = {
      METH_VARARGS | METH_KEYWORDS,
      "add_route(flow, payload_type, meter, rewriter, out_payload_type, tx, host, port, "
      "abs_send_time_id=-1): relay that payload type to host:port (from a keyframe)."},
+    {"remove_route", (PyCFunction)PortLoop_remove_route, METH_VARARGS,
+     "remove_route(flow, payload_type): stop relaying it (its packets come up again)."},
+    {"move_flow", (PyCFunction)PortLoop_move_flow, METH_VARARGS,
+     "move_flow(flow, host, port): the browser's packets come from there now."},
+    {"set_route_dest", (PyCFunction)PortLoop_set_route_dest, METH_VARARGS,
+     "set_route_dest(flow, payload_type, host, port): the receiving browser moved."},
     {"set_paused", (PyCFunction)PortLoop_set_paused, METH_VARARGS,
      "set_paused(flow, payload_type, paused): hold or resume a route (resumed: from the "
      "next keyframe)."},

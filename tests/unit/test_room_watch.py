@@ -20,7 +20,7 @@ def watch() -> RoomWatch:
 
 def test_the_receivers_feedback_counts_while_video_is_sent_to_it() -> None:
     w, incoming, outgoing = watch(), path(), path()
-    outgoing.forwarded = 100
+    outgoing._forwarded = 100
     outgoing.nacked = 10
     outgoing.from_sink_feedback(rtcp.Remb(40_000, (5,)))
     sample = w._sample("user", incoming, outgoing)
@@ -30,7 +30,7 @@ def test_the_receivers_feedback_counts_while_video_is_sent_to_it() -> None:
 
 def test_feedback_from_before_a_pause_is_not_evidence_while_nothing_is_sent() -> None:
     w, incoming, outgoing = watch(), path(), path()
-    outgoing.forwarded = 100
+    outgoing._forwarded = 100
     outgoing.from_sink_feedback(rtcp.Remb(40_000, (5,)))  # far under remb_min_kbps
     assert w._sample("user", incoming, outgoing).remb_kbps == 40.0
     # The path is paused: nothing forwarded since the last tick. The stale REMB and
