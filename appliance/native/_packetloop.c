@@ -394,7 +394,7 @@ static PyObject *Rewriter_get_ssrc(RewriterObject *self, void *closure) {
 
 /* The whole state, for a Python RtpRewriter to take the stream over where this one is. */
 static PyObject *Rewriter_state(RewriterObject *self, PyObject *unused) {
-    return Py_BuildValue("{sksLsksOskOsdsOsKsK}", "seq", (unsigned long)self->seq,
+    return Py_BuildValue("{sksLsksOsksOsdsOsKsK}", "seq", (unsigned long)self->seq,
                          "source", (long long)self->source,
                          "ts_offset", (unsigned long)self->ts_offset,
                          "have_last", self->have_last ? Py_True : Py_False,

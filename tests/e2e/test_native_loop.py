@@ -265,3 +265,41 @@ def test_hostile_datagrams_never_break_the_loop(rig: Rig) -> None:
             + routed["held"] == total
     finally:
         stranger.close()
+
+
+def test_a_browser_that_moves_is_followed_and_a_removed_route_comes_up_again(
+        rig: Rig) -> None:
+    moved_a, moved_b = udp(), udp()
+    try:
+        def from_(sock: socket.socket, seq: int, payload: bytes) -> bytes:
+            data = rig.a_tx.protect(rtp.build(VIDEO_PT, False, seq, 0, 0xA11CE, payload))
+            sock.sendto(data, rig.port.getsockname())
+            return data
+
+        from_(rig.a, 1, keyframe())
+        rig.drain(1.0, 1.0)
+        assert len(rig.received_by_b()) == 1
+        # The customer's browser checks from a new address: its camera comes from there.
+        rig.loop.move_flow(rig.flow, *moved_a.getsockname())
+        stale = from_(rig.a, 2, delta())
+        from_(moved_a, 3, delta())
+        assert rig.drain(2.0, 2.0) == [(stale, rig.a.getsockname())]  # not the flow now
+        assert len(rig.received_by_b()) == 1
+        # The agent's browser moves: the route's packets follow it.
+        rig.loop.set_route_dest(rig.flow, VIDEO_PT, *moved_b.getsockname())
+        from_(moved_a, 4, delta())
+        rig.drain(3.0, 3.0)
+        assert rig.received_by_b() == [] and len(moved_b.recv(4096)) > 100
+        with pytest.raises(ValueError, match="another flow"):
+            other = rig.loop.add_flow("127.0.0.1", 9, native.module().Srtp(
+                native.module().PROFILE_AES128_CM_SHA1_80, os.urandom(30), False))
+            rig.loop.move_flow(other, *moved_a.getsockname())
+        # No route for the payload type any more: its packets come up to Python again.
+        rig.loop.remove_route(rig.flow, VIDEO_PT)
+        up = from_(moved_a, 5, delta())
+        assert rig.drain(4.0, 4.0) == [(up, moved_a.getsockname())]
+        with pytest.raises(KeyError):
+            rig.loop.remove_route(rig.flow, VIDEO_PT)
+    finally:
+        moved_a.close()
+        moved_b.close()
