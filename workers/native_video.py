@@ -162,6 +162,11 @@ class NativeRoute:
             return 0
         return int(self.loop.retransmit(self.flow, self.payload_type, list(lost)))
 
+    def awaiting_keyframe(self) -> bool:
+        if self.closed:
+            return False
+        return bool(self.loop.route_stats(self.flow, self.payload_type)["await_keyframe"])
+
     def source_ssrc(self) -> int | None:
         figures = self.meter.figures()
         return int(figures["ssrc"]) if figures["received"] else None

@@ -167,6 +167,9 @@ class Room:
 
     def _watch_tick(self) -> None:
         try:
+            for video in (self.user_video, self.agent_video):
+                if video is not None:
+                    video.keyframe_check()
             self.watch.tick(self.user, self.agent, self.user_video, self.agent_video,
                             self._voice)
         except Exception:  # a measurement glitch must not stop the watch for the call

@@ -51,6 +51,7 @@ class Offload(Protocol):
     def set_paused(self, paused: bool) -> None: ...
     def retransmit(self, lost: tuple[int, ...]) -> int: ...
     def source_ssrc(self) -> int | None: ...  # the sending browser's SSRC, once seen
+    def awaiting_keyframe(self) -> bool: ...  # holding deltas until a keyframe
 
 
 class VideoPath:
@@ -107,6 +108,10 @@ class VideoPath:
             return  # (offloaded: what still comes this way raced a move; the offload relays)
         if self.awaiting_keyframe:
             if not keyframe:
+                # Deltas are useless to the receiver until a keyframe: ask (at most once a
+                # second) - at connect the sender's SSRC may not have been known yet, or its
+                # first keyframe went by before this path was connected.
+                self.request_keyframe()
                 return
             self.awaiting_keyframe = False
         extension = (rtp.abs_send_time_extension(sink.abs_send_time_id)
@@ -184,6 +189,16 @@ class VideoPath:
             if self.offload is not None:
                 self.offload.set_paused(False)  # it waits for the keyframe asked for here
             self.request_keyframe(force=True)
+
+    def keyframe_check(self) -> None:
+        """Once a second (the room's watch): a connected path still waiting for a keyframe
+        asks the sender again. The offloaded path's packets never pass here to ask."""
+        if self.sink is None or self.pause_reasons:
+            return
+        waiting = self.offload.awaiting_keyframe() if self.offload is not None \
+            else self.awaiting_keyframe
+        if waiting:
+            self.request_keyframe()
 
     def request_keyframe(self, force: bool = False) -> bool:
         """Ask the sending browser for a keyframe, at most once a second."""

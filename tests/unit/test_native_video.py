@@ -66,3 +66,25 @@ def test_the_python_path_continues_the_stream_the_native_rewriter_sent() -> None
         by_python = sink.rewriter.rewrite(source, 100, header.marker, ts,
                                           rtp.payload_of(packet, header), now=now)
         assert by_python == twin.relay(packet, 100, now)
+
+
+def test_a_path_waiting_for_a_keyframe_keeps_asking_the_sender() -> None:
+    """At connect the sender's SSRC may be unknown (nothing came yet), or its first
+    keyframe went by before the path was connected: deltas then ask for one, once a
+    second, and so does the room's watch tick while the path waits."""
+    sent: list[bytes] = []
+    path = VideoPath(StreamMeter(VIDEO_CLOCK, is_vp8=True), sent.append, 1)
+    path.connect(VideoSink(lambda packet: None, 0xB0B, 100, None))
+    assert sent == []  # no SSRC to name yet
+    path.from_source(vp8(1, 0))
+    assert len(sent) == 1 and sent[0][1] == 206  # a PLI (RTCP PSFB) naming the sender
+    path.from_source(vp8(2, 3000))
+    path.keyframe_check()
+    assert len(sent) == 1  # at most once a second
+    path._last_keyframe_request -= 2
+    path.keyframe_check()
+    assert len(sent) == 2
+    path.from_source(vp8(3, 6000, keyframe=True))
+    path._last_keyframe_request -= 2
+    path.keyframe_check()
+    assert len(sent) == 2  # it has its keyframe: nothing more to ask
