@@ -37,7 +37,7 @@ CHUNK = 64  # datagrams in flight at once: what one socket wake-up finds under l
 PAYLOAD = 1100  # bytes of VP8 in a full-size video packet
 
 
-def _session(profile: int, key: bytes, outbound: bool) -> pylibsrtp.Session:
+def srtp_session(profile: int, key: bytes, outbound: bool) -> pylibsrtp.Session:
     policy = pylibsrtp.Policy(key=key, srtp_profile=profile, ssrc_type=(
         pylibsrtp.Policy.SSRC_ANY_OUTBOUND if outbound else pylibsrtp.Policy.SSRC_ANY_INBOUND))
     policy.allow_repeat_tx = True
@@ -105,7 +105,7 @@ def measure(count: int, profile_name: str = "aead_aes_256_gcm") -> dict[str, obj
     loop.add_route(flow, 96, m.Meter(90000, True), m.Rewriter(0xB0B, 90000, False, 1, 2), 100,
                    m.Srtp(profile, key_b, True), *b_addr,
                    abs_send_time_id=3)
-    packets = _packets(count, _session(profile, key_a, True))
+    packets = _packets(count, srtp_session(profile, key_a, True))
     cpu, got = _run(lambda: loop.drain(time.monotonic(), time.time()), packets, port, a, b)
     results["native"] = {"us_per_packet": round(1e6 * cpu / count, 2), "received": got,
                          "stats": loop.stats()}
@@ -113,7 +113,7 @@ def measure(count: int, profile_name: str = "aead_aes_256_gcm") -> dict[str, obj
 
     # -- the same work in Python ---------------------------------------------------------
     port = _udp()
-    rx, tx = _session(profile, key_a, False), _session(profile, key_b, True)
+    rx, tx = srtp_session(profile, key_a, False), srtp_session(profile, key_b, True)
     meter = StreamMeter(90000, is_vp8=True)
     rewriter = rtp.RtpRewriter(0xB0B, 90000, mark_switches=False)
     flows = {a.getsockname(): True}
@@ -141,7 +141,7 @@ def measure(count: int, profile_name: str = "aead_aes_256_gcm") -> dict[str, obj
                                    extension=rtp.abs_send_time_extension(3))
             port.sendto(tx.protect(out), b_addr)
 
-    packets = _packets(count, _session(profile, key_a, True))
+    packets = _packets(count, srtp_session(profile, key_a, True))
     cpu, got = _run(python_relay, packets, port, a, b)
     results["python"] = {"us_per_packet": round(1e6 * cpu / count, 2), "received": got}
     port.close()

@@ -321,6 +321,40 @@ static void abs_send_time_block(unsigned char *out, int ext_id, double wall) {
     out[7] = (unsigned char)value;
 }
 
+/* Write into `o` the packet to send for the received RTP packet `p` (its payload at
+   start..end), advancing the rewriter: what RtpRewriter.rewrite returns. The length
+   written: RTP_HEADER + 8 with an abs-send-time id, + the payload. */
+static Py_ssize_t rewrite_into(RewriterObject *rw, const unsigned char *p, Py_ssize_t start,
+                               Py_ssize_t end, int payload_type, int ext_id, double now,
+                               double wall, unsigned char *o) {
+    int marker = (p[1] & 0x80) != 0;
+    uint32_t timestamp = ((uint32_t)p[4] << 24) | ((uint32_t)p[5] << 16) |
+                         ((uint32_t)p[6] << 8) | p[7];
+    uint32_t source = ((uint32_t)p[8] << 24) | ((uint32_t)p[9] << 16) |
+                      ((uint32_t)p[10] << 8) | p[11];
+    Py_ssize_t payload_len = end - start;
+    Py_ssize_t ext_len = ext_id > 0 ? 8 : 0;
+    uint32_t out_ts = rewriter_stamp(rw, source, timestamp, now);
+    if (rw->mark_next) {
+        marker = 1;
+        rw->mark_next = 0;
+    }
+    rw->seq = (uint16_t)(rw->seq + 1);
+    rw->packets += 1;
+    rw->octets += (unsigned long long)payload_len;
+    o[0] = ext_len ? 0x90 : 0x80;
+    o[1] = (unsigned char)((marker ? 0x80 : 0) | payload_type);
+    o[2] = (unsigned char)(rw->seq >> 8); o[3] = (unsigned char)rw->seq;
+    o[4] = (unsigned char)(out_ts >> 24); o[5] = (unsigned char)(out_ts >> 16);
+    o[6] = (unsigned char)(out_ts >> 8); o[7] = (unsigned char)out_ts;
+    o[8] = (unsigned char)(rw->ssrc >> 24); o[9] = (unsigned char)(rw->ssrc >> 16);
+    o[10] = (unsigned char)(rw->ssrc >> 8); o[11] = (unsigned char)rw->ssrc;
+    if (ext_len)
+        abs_send_time_block(o + RTP_HEADER, ext_id, wall);
+    memcpy(o + RTP_HEADER + ext_len, p + start, (size_t)payload_len);
+    return RTP_HEADER + ext_len + payload_len;
+}
+
 static PyObject *Rewriter_relay(RewriterObject *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"packet", "payload_type", "now", "abs_send_time_id", "wall",
                              NULL};
@@ -341,37 +375,14 @@ static PyObject *Rewriter_relay(RewriterObject *self, PyObject *args, PyObject *
         PyBuffer_Release(&in);
         Py_RETURN_NONE;  /* not an RTP packet: nothing to relay */
     }
-    int marker = (p[1] & 0x80) != 0;
-    uint32_t timestamp = ((uint32_t)p[4] << 24) | ((uint32_t)p[5] << 16) |
-                         ((uint32_t)p[6] << 8) | p[7];
-    uint32_t source = ((uint32_t)p[8] << 24) | ((uint32_t)p[9] << 16) |
-                      ((uint32_t)p[10] << 8) | p[11];
-    Py_ssize_t payload_len = end - start;
-    Py_ssize_t ext_len = ext_id > 0 ? 8 : 0;
-    PyObject *out = PyBytes_FromStringAndSize(NULL, RTP_HEADER + ext_len + payload_len);
+    PyObject *out = PyBytes_FromStringAndSize(
+        NULL, RTP_HEADER + (ext_id > 0 ? 8 : 0) + (end - start));
     if (out == NULL) {
         PyBuffer_Release(&in);
         return NULL;
     }
-    unsigned char *o = (unsigned char *)PyBytes_AS_STRING(out);
-    uint32_t out_ts = rewriter_stamp(self, source, timestamp, now);
-    if (self->mark_next) {
-        marker = 1;
-        self->mark_next = 0;
-    }
-    self->seq = (uint16_t)(self->seq + 1);
-    self->packets += 1;
-    self->octets += (unsigned long long)payload_len;
-    o[0] = ext_len ? 0x90 : 0x80;
-    o[1] = (unsigned char)((marker ? 0x80 : 0) | payload_type);
-    o[2] = (unsigned char)(self->seq >> 8); o[3] = (unsigned char)self->seq;
-    o[4] = (unsigned char)(out_ts >> 24); o[5] = (unsigned char)(out_ts >> 16);
-    o[6] = (unsigned char)(out_ts >> 8); o[7] = (unsigned char)out_ts;
-    o[8] = (unsigned char)(self->ssrc >> 24); o[9] = (unsigned char)(self->ssrc >> 16);
-    o[10] = (unsigned char)(self->ssrc >> 8); o[11] = (unsigned char)self->ssrc;
-    if (ext_len)
-        abs_send_time_block(o + RTP_HEADER, ext_id, wall);
-    memcpy(o + RTP_HEADER + ext_len, p + start, (size_t)payload_len);
+    rewrite_into(self, p, start, end, payload_type, ext_id, now, wall,
+                 (unsigned char *)PyBytes_AS_STRING(out));
     PyBuffer_Release(&in);
     return out;
 }
@@ -394,12 +405,11 @@ static PyObject *Rewriter_get_ssrc(RewriterObject *self, void *closure) {
 
 /* The whole state, for a Python RtpRewriter to take the stream over where this one is. */
 static PyObject *Rewriter_state(RewriterObject *self, PyObject *unused) {
-    return Py_BuildValue("{sksLsksOsksOsdsOsKsK}", "seq", (unsigned long)self->seq,
+    return Py_BuildValue("{sksLsksOsksdsOsKsK}", "seq", (unsigned long)self->seq,
                          "source", (long long)self->source,
                          "ts_offset", (unsigned long)self->ts_offset,
                          "have_last", self->have_last ? Py_True : Py_False,
                          "last_out_ts", (unsigned long)self->last_out_ts,
-                         "first_ts_pending", self->have_last ? Py_False : Py_True,
                          "last_wall", self->last_wall,
                          "mark_next", self->mark_next ? Py_True : Py_False,
                          "packets", (unsigned long long)self->packets,
@@ -1115,35 +1125,11 @@ static int relay_one(PortLoopObject *self, flow_t *f, unsigned char *buf, int le
         r->await_keyframe = 0;
     }
     RewriterObject *rw = (RewriterObject *)r->rewriter;
-    int marker = (buf[1] & 0x80) != 0;
-    uint32_t timestamp = ((uint32_t)buf[4] << 24) | ((uint32_t)buf[5] << 16) |
-                         ((uint32_t)buf[6] << 8) | buf[7];
-    uint32_t source = ((uint32_t)buf[8] << 24) | ((uint32_t)buf[9] << 16) |
-                      ((uint32_t)buf[10] << 8) | buf[11];
-    int ext_len = r->ext_id > 0 ? 8 : 0;
-    Py_ssize_t payload_len = end - start;
-    if (RTP_HEADER + ext_len + payload_len > MAX_DATAGRAM)
+    if (RTP_HEADER + (r->ext_id > 0 ? 8 : 0) + (end - start) > MAX_DATAGRAM)
         return 1;
     unsigned char *o = self->out[*nout];
-    uint32_t out_ts = rewriter_stamp(rw, source, timestamp, now);
-    if (rw->mark_next) {
-        marker = 1;
-        rw->mark_next = 0;
-    }
-    rw->seq = (uint16_t)(rw->seq + 1);
-    rw->packets += 1;
-    rw->octets += (unsigned long long)payload_len;
-    o[0] = ext_len ? 0x90 : 0x80;
-    o[1] = (unsigned char)((marker ? 0x80 : 0) | r->out_payload_type);
-    o[2] = (unsigned char)(rw->seq >> 8); o[3] = (unsigned char)rw->seq;
-    o[4] = (unsigned char)(out_ts >> 24); o[5] = (unsigned char)(out_ts >> 16);
-    o[6] = (unsigned char)(out_ts >> 8); o[7] = (unsigned char)out_ts;
-    o[8] = (unsigned char)(rw->ssrc >> 24); o[9] = (unsigned char)(rw->ssrc >> 16);
-    o[10] = (unsigned char)(rw->ssrc >> 8); o[11] = (unsigned char)rw->ssrc;
-    if (ext_len)
-        abs_send_time_block(o + RTP_HEADER, r->ext_id, wall);
-    memcpy(o + RTP_HEADER + ext_len, buf + start, (size_t)payload_len);
-    int out_len = (int)(RTP_HEADER + ext_len + payload_len);
+    int out_len = (int)rewrite_into(rw, buf, start, end, r->out_payload_type, r->ext_id,
+                                    now, wall, o);
     if (srtp_protect(((SrtpObject *)r->tx)->session, o, &out_len) != srtp_err_status_ok)
         return 1;
     int slot = rw->seq % NACK_SLOTS;

@@ -22,6 +22,7 @@ import pytest
 
 from appliance import native
 from appliance.media import rtp
+from bench.native_path import srtp_session
 from bench.system import loopback_only
 from tests.fuzz_scale import scaled
 from tests.unit.test_native_rewrite import python_relay
@@ -33,10 +34,7 @@ VIDEO_PT, OUT_PT, EXT_ID = 96, 100, 3
 
 
 def session(key: bytes, outbound: bool) -> pylibsrtp.Session:
-    policy = pylibsrtp.Policy(key=key, srtp_profile=PROFILE, ssrc_type=(
-        pylibsrtp.Policy.SSRC_ANY_OUTBOUND if outbound else pylibsrtp.Policy.SSRC_ANY_INBOUND))
-    policy.allow_repeat_tx = True
-    return pylibsrtp.Session(policy)
+    return srtp_session(PROFILE, key, outbound)
 
 
 def udp() -> socket.socket:
