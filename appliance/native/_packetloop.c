@@ -263,9 +263,9 @@ static int Rewriter_init(RewriterObject *self, PyObject *args, PyObject *kwds) {
 }
 
 /* RtpRewriter.stamp: our timestamp for `source`'s `timestamp`. */
-static uint32_t rewriter_stamp(RewriterObject *self, uint32_t source, uint32_t timestamp,
-                               double now) {
-    if ((int64_t)source != self->source) {
+static uint32_t rewriter_stamp_source(RewriterObject *self, int64_t source, uint32_t timestamp,
+                                      double now) {
+    if (source != self->source) {
         uint32_t target;
         if (!self->have_last) {
             target = self->first_ts;
@@ -278,7 +278,7 @@ static uint32_t rewriter_stamp(RewriterObject *self, uint32_t source, uint32_t t
             target = (uint32_t)(self->last_out_ts + (uint64_t)gap);
         }
         self->ts_offset = target - timestamp;  /* mod 2^32 */
-        self->source = (int64_t)source;
+        self->source = source;
         if (self->mark_switches)
             self->mark_next = 1;
     }
@@ -334,7 +334,7 @@ static Py_ssize_t rewrite_into(RewriterObject *rw, const unsigned char *p, Py_ss
                       ((uint32_t)p[10] << 8) | p[11];
     Py_ssize_t payload_len = end - start;
     Py_ssize_t ext_len = ext_id > 0 ? 8 : 0;
-    uint32_t out_ts = rewriter_stamp(rw, source, timestamp, now);
+    uint32_t out_ts = rewriter_stamp_source(rw, (int64_t)source, timestamp, now);
     if (rw->mark_next) {
         marker = 1;
         rw->mark_next = 0;
@@ -387,6 +387,122 @@ static PyObject *Rewriter_relay(RewriterObject *self, PyObject *args, PyObject *
     return out;
 }
 
+/* Our header for one outgoing packet into `o` (12 bytes), advancing seq and counters. */
+static void rewriter_header(RewriterObject *rw, int payload_type, int marker, uint32_t out_ts,
+                            Py_ssize_t payload_len, unsigned char *o) {
+    rw->seq = (uint16_t)(rw->seq + 1);
+    rw->packets += 1;
+    rw->octets += (unsigned long long)payload_len;
+    o[0] = 0x80;
+    o[1] = (unsigned char)((marker ? 0x80 : 0) | payload_type);
+    o[2] = (unsigned char)(rw->seq >> 8); o[3] = (unsigned char)rw->seq;
+    o[4] = (unsigned char)(out_ts >> 24); o[5] = (unsigned char)(out_ts >> 16);
+    o[6] = (unsigned char)(out_ts >> 8); o[7] = (unsigned char)out_ts;
+    o[8] = (unsigned char)(rw->ssrc >> 24); o[9] = (unsigned char)(rw->ssrc >> 16);
+    o[10] = (unsigned char)(rw->ssrc >> 8); o[11] = (unsigned char)rw->ssrc;
+}
+
+/* A source as RtpRewriter sees one: an SSRC, or a marker of our own above 2^32 (the
+   voice bridge's ringback). */
+static int parse_source(PyObject *arg, int64_t *source) {
+    long long value = PyLong_AsLongLong(arg);
+    if (value == -1 && PyErr_Occurred())
+        return -1;
+    if (value < 0 || value > (1LL << 40)) {
+        PyErr_SetString(PyExc_ValueError, "source must be 0..2**40");
+        return -1;
+    }
+    *source = (int64_t)value;
+    return 0;
+}
+
+
+/* RtpRewriter.rewrite(source, payload_type, marker, timestamp, payload, now). */
+static PyObject *Rewriter_rewrite(RewriterObject *self, PyObject *args) {
+    PyObject *source_arg;
+    int payload_type, marker;
+    unsigned long timestamp;
+    Py_buffer payload;
+    double now;
+    if (!PyArg_ParseTuple(args, "Oipky*d", &source_arg, &payload_type, &marker, &timestamp,
+                          &payload, &now))
+        return NULL;
+    int64_t source;
+    if (parse_source(source_arg, &source) < 0 || payload_type < 0 || payload_type > 127 ||
+        timestamp > 0xFFFFFFFFUL || payload.len > MAX_PACKET - RTP_HEADER) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "payload_type 0..127, timestamp 32-bit");
+        PyBuffer_Release(&payload);
+        return NULL;
+    }
+    PyObject *out = PyBytes_FromStringAndSize(NULL, RTP_HEADER + payload.len);
+    if (out == NULL) {
+        PyBuffer_Release(&payload);
+        return NULL;
+    }
+    uint32_t out_ts = rewriter_stamp_source(self, source, (uint32_t)timestamp, now);
+    if (self->mark_next) {
+        marker = 1;
+        self->mark_next = 0;
+    }
+    unsigned char *o = (unsigned char *)PyBytes_AS_STRING(out);
+    rewriter_header(self, payload_type, marker, out_ts, payload.len, o);
+    memcpy(o + RTP_HEADER, payload.buf, (size_t)payload.len);
+    PyBuffer_Release(&payload);
+    return out;
+}
+
+/* RtpRewriter.stamp(source, timestamp, now): the timeline moves on, nothing is sent. */
+static PyObject *Rewriter_stamp(RewriterObject *self, PyObject *args) {
+    PyObject *source_arg;
+    unsigned long timestamp;
+    double now;
+    if (!PyArg_ParseTuple(args, "Okd", &source_arg, &timestamp, &now))
+        return NULL;
+    int64_t source;
+    if (parse_source(source_arg, &source) < 0)
+        return NULL;
+    if (timestamp > 0xFFFFFFFFUL) {
+        PyErr_SetString(PyExc_ValueError, "timestamp is 32-bit");
+        return NULL;
+    }
+    return PyLong_FromUnsignedLong(rewriter_stamp_source(self, source, (uint32_t)timestamp, now));
+}
+
+/* RtpRewriter.inject(payload_type, marker, timestamp, payload): a packet on our own
+   timeline (DTMF events); the stream's next packet starts a talkspurt. */
+static PyObject *Rewriter_inject(RewriterObject *self, PyObject *args) {
+    int payload_type, marker;
+    unsigned long timestamp;
+    Py_buffer payload;
+    if (!PyArg_ParseTuple(args, "ipky*", &payload_type, &marker, &timestamp, &payload))
+        return NULL;
+    if (payload_type < 0 || payload_type > 127 || timestamp > 0xFFFFFFFFUL ||
+        payload.len > MAX_PACKET - RTP_HEADER) {
+        PyBuffer_Release(&payload);
+        PyErr_SetString(PyExc_ValueError, "payload_type 0..127, timestamp 32-bit");
+        return NULL;
+    }
+    PyObject *out = PyBytes_FromStringAndSize(NULL, RTP_HEADER + payload.len);
+    if (out == NULL) {
+        PyBuffer_Release(&payload);
+        return NULL;
+    }
+    unsigned char *o = (unsigned char *)PyBytes_AS_STRING(out);
+    rewriter_header(self, payload_type, marker, (uint32_t)timestamp, payload.len, o);
+    memcpy(o + RTP_HEADER, payload.buf, (size_t)payload.len);
+    PyBuffer_Release(&payload);
+    if (self->mark_switches)
+        self->mark_next = 1;
+    return out;
+}
+
+static PyObject *Rewriter_mark_next(RewriterObject *self, PyObject *unused) {
+    if (self->mark_switches)
+        self->mark_next = 1;
+    Py_RETURN_NONE;
+}
+
 static PyObject *Rewriter_get_seq(RewriterObject *self, void *closure) {
     return PyLong_FromUnsignedLong(self->seq);
 }
@@ -426,6 +542,14 @@ static PyGetSetDef Rewriter_getset[] = {
 };
 
 static PyMethodDef Rewriter_methods[] = {
+    {"rewrite", (PyCFunction)Rewriter_rewrite, METH_VARARGS,
+     "rewrite(source, payload_type, marker, timestamp, payload, now): RtpRewriter.rewrite."},
+    {"stamp", (PyCFunction)Rewriter_stamp, METH_VARARGS,
+     "stamp(source, timestamp, now): our timestamp; the timeline moves, nothing is sent."},
+    {"inject", (PyCFunction)Rewriter_inject, METH_VARARGS,
+     "inject(payload_type, marker, timestamp, payload): a packet on our own timeline."},
+    {"mark_next", (PyCFunction)Rewriter_mark_next, METH_NOARGS,
+     "the next packet starts a talkspurt (audio)"},
     {"state", (PyCFunction)Rewriter_state, METH_NOARGS, "the rewriter's state, as a dict"},
     {"relay", (PyCFunction)(void (*)(void))Rewriter_relay, METH_VARARGS | METH_KEYWORDS,
      "relay(packet, payload_type, now, abs_send_time_id=-1, wall=0.0): the packet to send "
@@ -677,15 +801,72 @@ typedef struct {
     socklen_t addr_len;
 } endpoint_t;
 
+/* rtp.TalkSpurts: where a sender's talkspurts start (RFC 3551 4.1), from its sequence
+   numbers and timestamps; the sender's own marker bit is not trusted. */
+typedef struct {
+    int have;
+    uint16_t seq;
+    uint32_t ts;
+    uint32_t step;
+    uint32_t max_step;
+} spurts_t;
+
+/* 0 if this packet continues the talkspurt, else the timestamp units of silence before it. */
+static uint32_t spurts_starts(spurts_t *t, uint16_t seq, uint32_t ts) {
+    if (!t->have) {
+        t->have = 1;
+        t->seq = seq;
+        t->ts = ts;
+        return 0;
+    }
+    uint16_t dseq = (uint16_t)(seq - t->seq);
+    if (dseq == 0 || dseq >= 0x8000)
+        return 0;
+    uint32_t dts = ts - t->ts;
+    t->seq = seq;
+    t->ts = ts;
+    if (dts >= 0x80000000u)
+        return 0;
+    uint32_t silence = 0;
+    if (t->step && 2 * (uint64_t)dts > (2 * (uint64_t)dseq + 1) * t->step)
+        silence = (uint32_t)((uint64_t)dts - (uint64_t)dseq * t->step);
+    if (dseq == 1 && dts > 0 && dts <= t->max_step)
+        t->step = dts;
+    return silence;
+}
+
+/* conditions.pcmu_has_sound: digital silence in µ-law is 0xFF/0x7F (and near it); a live
+   microphone never stays there. A stride of 7, as Python reads it. */
+static int pcmu_has_sound(const unsigned char *pl, Py_ssize_t len) {
+    for (Py_ssize_t i = 0; i < len; i += 7) {
+        unsigned char b = pl[i];
+        if (b != 0xFF && b != 0x7F && b != 0xFE && b != 0x7E)
+            return 1;
+    }
+    return 0;
+}
+
+/* A route's pause (set_paused): video drops what it holds; a voice route "held" by the
+   phone (hold) keeps our timeline moving with the clock, sending nothing. */
+#define PAUSE_NONE 0
+#define PAUSE_DROP 1
+#define PAUSE_STAMP 2
+
 typedef struct route {
     int payload_type;              /* incoming */
+    int voice;                     /* audio: our own marker (talkspurts), no NACK cache */
+    int sound_check;               /* sample one packet in 10 for sound (the customer's mic) */
+    int fd;                        /* the socket to send from */
+    spurts_t spurts;
+    double last_sound;             /* monotonic time the sound check last heard something */
     int out_payload_type;
     int ext_id;                    /* abs-send-time id, or -1 */
     int paused;
     int await_keyframe;
     PyObject *meter;               /* MeterObject */
     PyObject *rewriter;            /* RewriterObject */
-    PyObject *tx;                  /* SrtpObject: the destination leg's outbound keys */
+    PyObject *tx;                  /* SrtpObject: the destination leg's outbound keys, or
+                                      NULL: plain RTP (the desk phone) */
     endpoint_t dest;
     uint64_t relayed;
     uint64_t held;                 /* received while paused or waiting for a keyframe */
@@ -701,7 +882,8 @@ typedef struct {
     int used;
     long id;
     endpoint_t from;
-    PyObject *rx;                  /* SrtpObject: the leg's inbound keys */
+    PyObject *rx;                  /* SrtpObject: the leg's inbound keys, or NULL: plain RTP
+                                      (the desk phone's socket) */
     route_t *routes;
     uint64_t unprotect_failed;
 } flow_t;
@@ -720,6 +902,7 @@ typedef struct {
     struct iovec in_iov[BATCH];
     struct mmsghdr out_msgs[BATCH];
     struct iovec out_iov[BATCH];
+    int out_fd[BATCH];             /* the socket each queued datagram goes out of */
     uint64_t datagrams, relayed, handed_up, oversized, send_errors, drains, routed_in;
 } PortLoopObject;
 
@@ -866,8 +1049,12 @@ static void PortLoop_dealloc(PortLoopObject *self) {
 static PyObject *PortLoop_add_flow(PortLoopObject *self, PyObject *args) {
     PyObject *host, *rx;
     int port;
-    if (!PyArg_ParseTuple(args, "UiO!", &host, &port, &SrtpType, &rx))
+    if (!PyArg_ParseTuple(args, "UiO", &host, &port, &rx))
         return NULL;
+    if (rx != Py_None && !PyObject_TypeCheck(rx, &SrtpType)) {
+        PyErr_SetString(PyExc_TypeError, "rx must be an Srtp session or None (plain RTP)");
+        return NULL;
+    }
     endpoint_t ep;
     if (endpoint_from(host, port, &ep) < 0)
         return NULL;
@@ -881,8 +1068,12 @@ static PyObject *PortLoop_add_flow(PortLoopObject *self, PyObject *args) {
             f->used = 1;
             f->id = self->next_id++;
             f->from = ep;
-            Py_INCREF(rx);
-            f->rx = rx;
+            if (rx != Py_None) {
+                Py_INCREF(rx);
+                f->rx = rx;
+            } else {
+                f->rx = NULL;
+            }
             f->routes = NULL;
             self->nflows++;
             return PyLong_FromLong(f->id);
@@ -906,20 +1097,26 @@ static PyObject *PortLoop_remove_flow(PortLoopObject *self, PyObject *arg) {
 
 static PyObject *PortLoop_add_route(PortLoopObject *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"flow", "payload_type", "meter", "rewriter", "out_payload_type",
-                             "tx", "host", "port", "abs_send_time_id", NULL};
+                             "tx", "host", "port", "abs_send_time_id", "voice", "sound_check",
+                             "fd", NULL};
     long id;
-    int pt, out_pt, port, ext_id = -1;
+    int pt, out_pt, port, ext_id = -1, voice = 0, sound_check = 0, fd = -1;
     PyObject *meter, *rewriter, *tx, *host;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "liO!O!iO!Ui|i", kwlist, &id, &pt,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "liO!O!iOUi|$ippi", kwlist, &id, &pt,
                                      &MeterType, &meter, &RewriterType, &rewriter, &out_pt,
-                                     &SrtpType, &tx, &host, &port, &ext_id))
+                                     &tx, &host, &port, &ext_id, &voice, &sound_check, &fd))
         return NULL;
     if (pt < 0 || pt > 127 || out_pt < 0 || out_pt > 127 || ext_id == 0 || ext_id > 14) {
         PyErr_SetString(PyExc_ValueError, "payload types 0..127, abs_send_time_id 1..14");
         return NULL;
     }
-    if (((SrtpObject *)tx)->session == NULL) {
-        PyErr_SetString(PyExc_ValueError, "tx session not initialised");
+    if (tx != Py_None && (!PyObject_TypeCheck(tx, &SrtpType) ||
+                          ((SrtpObject *)tx)->session == NULL)) {
+        PyErr_SetString(PyExc_ValueError, "tx must be an initialised Srtp session or None");
+        return NULL;
+    }
+    if (fd < -1) {
+        PyErr_SetString(PyExc_ValueError, "fd must be a socket's file descriptor");
         return NULL;
     }
     flow_t *f = flow_by_id(self, id);
@@ -940,12 +1137,19 @@ static PyObject *PortLoop_add_route(PortLoopObject *self, PyObject *args, PyObje
     r->payload_type = pt;
     r->out_payload_type = out_pt;
     r->ext_id = ext_id;
-    r->await_keyframe = 1;  /* a receiver can use deltas only after a keyframe */
+    r->voice = voice;
+    r->sound_check = sound_check;
+    r->fd = fd >= 0 ? fd : self->fd;
+    r->spurts.max_step = ((MeterObject *)meter)->m.clock_rate * 120 / 1000;
+    r->await_keyframe = voice ? 0 : 1;  /* a receiver can use deltas only after a keyframe */
     for (int i = 0; i < NACK_SLOTS; i++)
         r->cache_seq[i] = -1;
     Py_INCREF(meter); r->meter = meter;
     Py_INCREF(rewriter); r->rewriter = rewriter;
-    Py_INCREF(tx); r->tx = tx;
+    if (tx != Py_None) {
+        Py_INCREF(tx);
+        r->tx = tx;
+    }
     r->next = f->routes;
     f->routes = r;
     Py_RETURN_NONE;
@@ -1025,12 +1229,16 @@ static PyObject *PortLoop_set_route_dest(PortLoopObject *self, PyObject *args) {
 static PyObject *PortLoop_set_paused(PortLoopObject *self, PyObject *args) {
     long id;
     int pt, paused;
-    if (!PyArg_ParseTuple(args, "lip", &id, &pt, &paused))
+    if (!PyArg_ParseTuple(args, "lii", &id, &pt, &paused))
         return NULL;
+    if (paused < PAUSE_NONE || paused > PAUSE_STAMP) {
+        PyErr_SetString(PyExc_ValueError, "paused: 0 (relay), 1 (drop), 2 (stamp only)");
+        return NULL;
+    }
     route_t *r = route_of(self, id, pt);
     if (r == NULL)
         return NULL;
-    if (r->paused && !paused)
+    if (r->paused && !paused && !r->voice)
         r->await_keyframe = 1;  /* resumed: forward again from a fresh keyframe */
     r->paused = paused;
     Py_RETURN_NONE;
@@ -1065,7 +1273,7 @@ static PyObject *PortLoop_retransmit(PortLoopObject *self, PyObject *args) {
         int slot = (int)(seq % NACK_SLOTS);
         if (r->cache_seq[slot] != seq)
             continue;  /* too old (overwritten) or never sent */
-        ssize_t done = sendto(self->fd, r->cache[slot], r->cache_len[slot], MSG_DONTWAIT,
+        ssize_t done = sendto(r->fd, r->cache[slot], r->cache_len[slot], MSG_DONTWAIT,
                               (struct sockaddr *)&r->dest.addr, r->dest.addr_len);
         if (done < 0) {
             self->send_errors += 1;
@@ -1086,10 +1294,63 @@ static PyObject *PortLoop_route_stats(PortLoopObject *self, PyObject *args) {
     route_t *r = route_of(self, id, pt);
     if (r == NULL)
         return NULL;
-    return Py_BuildValue("{sKsKsKsisi}", "relayed", (unsigned long long)r->relayed,
+    return Py_BuildValue("{sKsKsKsisisd}", "relayed", (unsigned long long)r->relayed,
                          "held", (unsigned long long)r->held,
                          "retransmitted", (unsigned long long)r->retransmitted,
-                         "paused", r->paused, "await_keyframe", r->await_keyframe);
+                         "paused", r->paused, "await_keyframe", r->await_keyframe,
+                         "last_sound", r->last_sound);
+}
+
+/* Queue out[*nout] (out_len bytes) for the route's destination, from the route's socket. */
+static void queue_out(PortLoopObject *self, route_t *r, int out_len, int *nout) {
+    self->out_iov[*nout].iov_base = self->out[*nout];
+    self->out_iov[*nout].iov_len = (size_t)out_len;
+    struct msghdr *h = &self->out_msgs[*nout].msg_hdr;
+    memset(h, 0, sizeof *h);
+    h->msg_name = &r->dest.addr;
+    h->msg_namelen = r->dest.addr_len;
+    h->msg_iov = &self->out_iov[*nout];
+    h->msg_iovlen = 1;
+    self->out_fd[*nout] = r->fd;
+    *nout += 1;
+    r->relayed += 1;
+}
+
+/* A voice packet (VoiceBridge.from_browser / from_phone for PCMU, metered already): the
+   sound check, the talkspurt marker of our own, the hold's timeline, then the rewrite and
+   (towards a browser) the SRTP protect. Always consumed. */
+static int relay_voice(PortLoopObject *self, route_t *r, unsigned char *buf,
+                       Py_ssize_t start, Py_ssize_t end, double now, int *nout) {
+    uint16_t seq = (uint16_t)((buf[2] << 8) | buf[3]);
+    uint32_t ts = ((uint32_t)buf[4] << 24) | ((uint32_t)buf[5] << 16) |
+                  ((uint32_t)buf[6] << 8) | buf[7];
+    if (r->sound_check && seq % 10 == 0 && pcmu_has_sound(buf + start, end - start))
+        r->last_sound = now;
+    if (r->paused == PAUSE_DROP) {  /* a key press is on the wire in this stream's place */
+        r->held += 1;
+        return 1;
+    }
+    uint32_t silence = spurts_starts(&r->spurts, seq, ts);
+    RewriterObject *rw = (RewriterObject *)r->rewriter;
+    if (r->paused == PAUSE_STAMP) {  /* on hold: no sequence number used, the clock moves */
+        uint32_t source = ((uint32_t)buf[8] << 24) | ((uint32_t)buf[9] << 16) |
+                          ((uint32_t)buf[10] << 8) | buf[11];
+        rewriter_stamp_source(rw, (int64_t)source, ts, now);
+        r->held += 1;
+        return 1;
+    }
+    if (RTP_HEADER + (end - start) > MAX_DATAGRAM)
+        return 1;
+    unsigned char *o = self->out[*nout];
+    /* Our marker, not the sender's (aiortc sets it on every packet): the talkspurt's. */
+    unsigned char first = buf[1];
+    buf[1] = (unsigned char)((silence ? 0x80 : 0) | (first & 0x7F));
+    int out_len = (int)rewrite_into(rw, buf, start, end, r->out_payload_type, -1, now, 0.0, o);
+    if (r->tx != NULL &&
+        srtp_protect(((SrtpObject *)r->tx)->session, o, &out_len) != srtp_err_status_ok)
+        return 1;
+    queue_out(self, r, out_len, nout);
+    return 1;
 }
 
 /* One datagram from a known flow; 1 if it was relayed (or consumed: a forged packet). */
@@ -1103,8 +1364,8 @@ static int relay_one(PortLoopObject *self, flow_t *f, unsigned char *buf, int le
         r = r->next;
     if (r == NULL)
         return 0;  /* Python's payload type (audio to the phone, telephone-events...) */
-    SrtpObject *rx = (SrtpObject *)f->rx;
-    if (srtp_unprotect(rx->session, buf, &len) != srtp_err_status_ok) {
+    if (f->rx != NULL &&
+        srtp_unprotect(((SrtpObject *)f->rx)->session, buf, &len) != srtp_err_status_ok) {
         f->unprotect_failed += 1;  /* anyone can send these, or a duplicate: count only */
         return 1;
     }
@@ -1113,6 +1374,8 @@ static int relay_one(PortLoopObject *self, flow_t *f, unsigned char *buf, int le
     if (rtp_payload_bounds(buf, len, &start, &end) < 0)
         return 1;
     int keyframe = meter_packet(&((MeterObject *)r->meter)->m, buf, len, start, now);
+    if (r->voice)
+        return relay_voice(self, r, buf, start, end, now, nout);
     if (r->paused) {
         r->held += 1;
         return 1;
@@ -1147,23 +1410,18 @@ static int relay_one(PortLoopObject *self, flow_t *f, unsigned char *buf, int le
     } else {
         r->cache_seq[slot] = -1;  /* no memory: that packet cannot be repaired */
     }
-    self->out_iov[*nout].iov_base = o;
-    self->out_iov[*nout].iov_len = (size_t)out_len;
-    struct msghdr *h = &self->out_msgs[*nout].msg_hdr;
-    memset(h, 0, sizeof *h);
-    h->msg_name = &r->dest.addr;
-    h->msg_namelen = r->dest.addr_len;
-    h->msg_iov = &self->out_iov[*nout];
-    h->msg_iovlen = 1;
-    *nout += 1;
-    r->relayed += 1;
+    queue_out(self, r, out_len, nout);
     return 1;
 }
 
 static void flush_out(PortLoopObject *self, int nout) {
     int sent = 0;
     while (sent < nout) {
-        int n = sendmmsg(self->fd, &self->out_msgs[sent], (unsigned int)(nout - sent),
+        /* One sendmmsg per run of datagrams from the same socket. */
+        int fd = self->out_fd[sent], run = sent + 1;
+        while (run < nout && self->out_fd[run] == fd)
+            run++;
+        int n = sendmmsg(fd, &self->out_msgs[sent], (unsigned int)(run - sent),
                          MSG_DONTWAIT);
         if (n < 0) {
             if (errno == EINTR)

@@ -119,7 +119,8 @@ def test_video_is_relayed_from_a_keyframe_on_and_byte_for_byte_the_python_relays
     expected = [python_relay(rig.reference, p, OUT_PT, now, EXT_ID, wall) for p in sent[1:]]
     assert got == expected
     assert rig.loop.route_stats(rig.flow, VIDEO_PT) == {
-        "relayed": 3, "held": 1, "retransmitted": 0, "paused": 0, "await_keyframe": 0}
+        "relayed": 3, "held": 1, "retransmitted": 0, "paused": 0, "await_keyframe": 0,
+        "last_sound": 0.0}
     figures = rig.meter.figures()
     assert (figures["received"], figures["expected"], figures["keyframes"]) == (4, 5, 1)
     assert (figures["width"], figures["height"]) == (640, 480)
