@@ -25,11 +25,12 @@ from typing import Any, Protocol
 
 from appliance import native
 from appliance.edges.lite_transport import LiteConnection, SelectedPair, UdpPair
-from appliance.edges.rtc_adapter import srtp_keys
+from appliance.edges.rtc_adapter import SrtpFastPath, srtp_keys
 from appliance.media import rtp
 from appliance.media.codec_choice import CodecChoice
 from appliance.media.quality import StreamMeter
 from appliance.media.video import VIDEO_CLOCK, VideoPath, VideoSink
+from workers import native_flows
 
 log = logging.getLogger("appliance.native_video")
 
@@ -40,6 +41,7 @@ class NativeLeg(Protocol):
     pc: Any
     channel: int
     video: CodecChoice | None
+    fast_path: SrtpFastPath | None
 
     @property
     def lite_connections(self) -> list[LiteConnection]: ...
@@ -116,7 +118,7 @@ class NativeMeter:
         return kbps + octets * 8 / elapsed / 1000, fps + frames / elapsed
 
 
-def _udp_pair(leg: NativeLeg) -> UdpPair | None:
+def udp_pair(leg: NativeLeg) -> UdpPair | None:
     conns = leg.lite_connections
     if len(conns) != 1:
         return None
@@ -124,7 +126,7 @@ def _udp_pair(leg: NativeLeg) -> UdpPair | None:
     return pair if isinstance(pair, UdpPair) and pair.socket.native is not None else None
 
 
-def _host_port(pair: UdpPair) -> tuple[str, int]:
+def host_port(pair: UdpPair) -> tuple[str, int]:
     return str(pair.dest[0]), int(pair.dest[1])
 
 
@@ -175,15 +177,15 @@ class NativeRoute:
 
     def _source_moved(self, pair: SelectedPair | None) -> None:
         if isinstance(pair, UdpPair) and pair.socket.native is self.loop:
-            self.loop.move_flow(self.flow, *_host_port(pair))
+            self.loop.move_flow(self.flow, *host_port(pair))
             log.info("native video: channel %d's camera now comes from %s:%d",
-                     self.source.channel, *_host_port(pair))
+                     self.source.channel, *host_port(pair))
         else:
             self.close("the sending browser left the native socket" if pair else None)
 
     def _sink_moved(self, pair: SelectedPair | None) -> None:
         if isinstance(pair, UdpPair) and pair.socket.native is self.loop:
-            self.loop.set_route_dest(self.flow, self.payload_type, *_host_port(pair))
+            self.loop.set_route_dest(self.flow, self.payload_type, *host_port(pair))
         else:
             self.close("the receiving browser left the native socket" if pair else None)
 
@@ -195,7 +197,10 @@ class NativeRoute:
             return
         self._relayed_at_close = self.relayed()
         self.closed = True
-        self.loop.remove_flow(self.flow)
+        try:
+            self.loop.remove_route(self.flow, self.payload_type)
+        finally:
+            native_flows.release(self.source)
         for leg, observer in ((self.source, self._source_moved), (self.sink, self._sink_moved)):
             for conn in leg.lite_connections:
                 if observer in conn.on_select:
@@ -208,9 +213,9 @@ class NativeRoute:
 
 
 def _hand_rewriter_back(native_rewriter: Any, path: VideoPath) -> None:
-    """The sink's Python rewriter continues the stream where the native one stopped.
-    (Its SRTP sender is aiortc's, which has not sent this SSRC: after 65,536 packets the
-    receiver's rollover counter would differ, a known limit of this fallback.)"""
+    """The sink's Python rewriter continues the stream where the native one stopped; its
+    packets are protected by the native sender (SrtpFastPath.use_tx_for), whose rollover
+    counter has followed the stream."""
     sink = path.sink
     if sink is None or sink.rewriter is None:
         return
@@ -233,7 +238,7 @@ def offload(path: VideoPath, source: NativeLeg, sink: NativeLeg, recorded: bool)
     video = sink.video
     if recorded or path.sink is None or source.video is None or video is None:
         return False
-    src_pair, dst_pair = _udp_pair(source), _udp_pair(sink)
+    src_pair, dst_pair = udp_pair(source), udp_pair(sink)
     if src_pair is None or dst_pair is None or src_pair.socket is not dst_pair.socket:
         return False
     video_sink = path.sink
@@ -248,9 +253,8 @@ def offload(path: VideoPath, source: NativeLeg, sink: NativeLeg, recorded: bool)
     m = native.module()
     loop = src_pair.socket.native
     try:
-        flow = loop.add_flow(*_host_port(src_pair),
-                             m.Srtp(source_keys.profile, source_keys.rx, False))
-    except ValueError:  # the address has a flow already (a second camera): Python relays
+        flow = native_flows.acquire(source, loop, *host_port(src_pair), source_keys)
+    except ValueError:  # another flow has the address: Python relays
         return False
     if video_sink.native_rewriter is None:
         seq = python_rewriter._seq if python_rewriter is not None else random.getrandbits(16)
@@ -260,14 +264,16 @@ def offload(path: VideoPath, source: NativeLeg, sink: NativeLeg, recorded: bool)
         # One SRTP sender for this stream for the leg's life: a second agent's camera
         # continues its sequence numbers, and the rollover counter with them.
         video_sink.native_tx = m.Srtp(sink_keys.profile, sink_keys.tx, True)
+        if sink.fast_path is not None:  # and Python's, if it takes the stream back
+            sink.fast_path.use_tx_for(video_sink.ssrc, video_sink.native_tx)
     meter = m.Meter(VIDEO_CLOCK, True)
     try:
         loop.add_route(flow, source.video.payload_type, meter, video_sink.native_rewriter,
                        video_sink.payload_type, video_sink.native_tx,
-                       *_host_port(dst_pair),
+                       *host_port(dst_pair),
                        abs_send_time_id=video_sink.abs_send_time_id or -1)
-    except (ValueError, KeyError):
-        loop.remove_flow(flow)
+    except (ValueError, KeyError):  # that camera is routed already (a second agent)
+        native_flows.release(source)
         return False
     route = NativeRoute(path, source, sink, loop, flow, source.video.payload_type, meter,
                         video_sink.native_rewriter)

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from appliance import native
 from appliance.core.config import Config
 from appliance.edges.rtc_adapter import AudioSender, sync_sender_report
 from appliance.media import rtp
@@ -26,6 +27,7 @@ from appliance.sip.auth import Credentials
 from appliance.sip.endpoint import SipEndpoint
 from appliance.sip.sdp import SdpError, audio_endpoint, build_offer
 from appliance.sip.session_timer import TimerSettings
+from workers import native_voice
 
 log = logging.getLogger("appliance.sip_leg")
 
@@ -40,7 +42,7 @@ class SipLegOwner(Protocol):
     def phone_dtmf(self, key: str) -> None: ...
 
 
-class BrowserLeg(Protocol):
+class BrowserLeg(native_voice.VoiceLeg, Protocol):
     """The customer's WebRTC leg (`WebRtcLeg`), as the voice bridge uses it."""
 
     channel: int
@@ -74,25 +76,35 @@ class SipLeg:
         self.config = config
         self.call_id: str | None = None
         self.bridge: VoiceBridge | None = None
+        self.native_voice: native_voice.NativeVoice | None = None
         self._ended = False
 
     async def start(self, audio: AudioChoice, parties: CallParties) -> None:
         sip = self.config.sip
         rtp_address = sip.rtp_address or sip.listen
+        # PCMU passes through as packets: the native loop may relay it (Opus is transcoded).
+        use_native = (self.config.media.native_loop and native.AVAILABLE
+                      and audio.codec == "PCMU")
         sockets = await RtpSocketPair.open(
             rtp_address, sip.rtp_port_min, sip.rtp_port_max,
             on_rtp=self._from_phone, on_rtcp=self._from_phone_rtcp,
+            native_loop=native.module().PortLoop if use_native else None,
         )
         sender = self.browser.audio_sender()
+        browser_audio = BrowserAudio(audio.codec, audio.payload_type, sender.ssrc,
+                                     self.browser.send_rtp)
         self.bridge = VoiceBridge(
-            BrowserAudio(audio.codec, audio.payload_type, sender.ssrc, self.browser.send_rtp),
+            browser_audio,
             sockets,
             on_dtmf=self.owner.phone_dtmf,
             cadence=Cadence(tuple(sip.ringback_hz), sip.ringback_on_ms, sip.ringback_off_ms),
             cname=self.config.appliance.id,
             latching=sip.rtp_latching,
             label=f"channel {self.channel}: ",
+            parts=native_voice.parts(browser_audio) if use_native else None,
         )
+        if use_native:
+            self.native_voice = native_voice.NativeVoice(self.bridge, self.browser)
         self.bridge.start()
         self.browser.route_rtp(audio.payload_type, self.bridge.from_browser)
         credentials = Credentials(sip.username, sip.password) if sip.username else None
@@ -113,7 +125,7 @@ class SipLeg:
     def record_to(self, recorder: VoiceRecorder | None) -> None:
         """The call's recorder hears both sides of the voice from now on."""
         if self.bridge is not None:
-            self.bridge.recorder = recorder
+            self.bridge.record_to(recorder)
 
     # -- media taps ----------------------------------------------------------------------
 

@@ -90,7 +90,12 @@ class UserCall:
         await self._closed.wait()
 
     def relayed(self) -> Relayed:
-        return self.leg.relayed()
+        live = self.leg.relayed()
+        voice = self.sip.native_voice if self.sip is not None else None
+        if voice is None:
+            return live
+        # The phone's voice the native loop sent the browser (from the phone's socket).
+        return Relayed(live.received, live.sent + voice.relayed_to_browser())
 
     # -- AP-S -----------------------------------------------------------------------------
 

@@ -203,6 +203,11 @@ class SharedUdpPort(asyncio.DatagramProtocol):
         self.transport: asyncio.DatagramTransport | None = None
         self.native: Any = None  # appliance.native's PortLoop on this socket
 
+    @property
+    def fileno(self) -> int:
+        """The socket's descriptor (the native loop sends a phone's voice from it)."""
+        return self._sock.fileno()
+
     def use_native(self) -> None:
         """Drain this socket with the native loop (instead of a datagram transport)."""
         self.native = native.module().PortLoop(self._sock.fileno())
@@ -210,7 +215,9 @@ class SharedUdpPort(asyncio.DatagramProtocol):
 
     def _readable(self) -> None:
         loop = self._port._loop
-        for data, addr in self.native.drain(loop.time(), time.time()):
+        # time.monotonic(), not loop.time(): uvloop's clock is cached per iteration, in
+        # milliseconds (8 units of an 8 kHz clock: jitter the meters would invent).
+        for data, addr in self.native.drain(time.monotonic(), time.time()):
             try:
                 self.datagram_received(data, addr)
             except Exception as exc:  # one datagram's failure must not drop the batch

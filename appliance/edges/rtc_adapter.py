@@ -344,6 +344,7 @@ class SrtpFastPath:
         self._last_pair: object = None
         self._last_send: Callable[[bytes], None] | None = None
         self._detached = False
+        self._tx_by_ssrc: dict[int, Any] = {}
 
     def _data_received(self, data: bytes, component: int) -> None:
         if not fits(data):
@@ -422,12 +423,21 @@ class SrtpFastPath:
         self._last_pair, self._last_send = pair, send
         return send
 
+    def use_tx_for(self, ssrc: int, session: Any) -> None:
+        """Protect our stream `ssrc` with `session` from now on: the native loop's sender
+        for a stream it sends too (appliance.native's Srtp, pylibsrtp's API), so that one
+        sender's rollover counter follows the stream whoever sends its next packet."""
+        self._tx_by_ssrc[ssrc] = session
+
     def send_rtp(self, packet: bytes) -> None:
         pair = self._conn._nominated.get(1)
         if pair is None or self._detached:  # ICE restarting, or the leg is being torn down
             return
+        tx = self._tx
+        if self._tx_by_ssrc and len(packet) >= 12:
+            tx = self._tx_by_ssrc.get(int.from_bytes(packet[8:12], "big"), tx)
         try:
-            protected = self._tx.protect(packet)
+            protected = tx.protect(packet)
         except (pylibsrtp.Error, ValueError) as exc:
             self._protect_failed(exc)
             return

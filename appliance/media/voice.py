@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from appliance.core.throttle import Tally
 from appliance.media import rtp
@@ -36,7 +36,53 @@ PCMU_PT = 0
 FRAME_SECONDS = 0.020
 RTCP_INTERVAL = 5.0
 
-_RINGBACK = object()  # the rewriter's "source" while we play the tone
+# The rewriter's "source" while we play the tone: above every SSRC (2^32 - 1), an int so
+# that the native rewriter (appliance.native) takes it as well as RtpRewriter.
+RINGBACK_SOURCE = 1 << 32
+
+
+class Rewriter(Protocol):
+    """rtp.RtpRewriter, or the native loop's Rewriter that behaves byte for byte the same
+    (so that Python and the native loop can take turns on one outgoing stream)."""
+
+    ssrc: int
+    packets: int
+    octets: int
+
+    @property
+    def last_timestamp(self) -> int: ...
+    def mark_next(self) -> None: ...
+    def stamp(self, source: int, timestamp: int, now: float) -> int: ...
+    def rewrite(self, source: int, payload_type: int, marker: bool, timestamp: int,
+                payload: bytes, now: float) -> bytes: ...
+    def inject(self, payload_type: int, marker: bool, timestamp: int,
+               payload: bytes) -> bytes: ...
+
+
+class Meter(Protocol):
+    """quality.StreamMeter's face: what the bridge feeds and the room's watch reads."""
+
+    rtp: Any
+
+    def packet(self, header: rtp.RtpHeader, packet: bytes, arrival: float) -> bool: ...
+    def window(self, now: float | None = None) -> tuple[float, float]: ...
+
+
+@dataclass
+class VoiceParts:
+    """The bridge's rewriters and meters. Python's by default; the worker gives native ones
+    when the native loop may take the voice over (workers/native_voice.py)."""
+
+    to_browser: Rewriter
+    to_phone: Rewriter
+    browser_meter: Meter
+    phone_meter: Meter
+
+
+def python_parts(browser: BrowserAudio) -> VoiceParts:
+    return VoiceParts(rtp.RtpRewriter(browser.ssrc, browser.clock_rate),
+                      rtp.RtpRewriter(clock_rate=8000),
+                      StreamMeter(browser.clock_rate), StreamMeter(8000))
 
 
 class VoiceRecorder(Protocol):
@@ -75,15 +121,20 @@ class VoiceBridge:
         cname: str = "appliance",
         latching: bool = False,
         label: str = "",
+        parts: VoiceParts | None = None,
     ) -> None:
         self.browser = browser
         self.phone = phone
         self.on_dtmf = on_dtmf
         self.cname = cname
-        self.to_browser = rtp.RtpRewriter(browser.ssrc, browser.clock_rate)
-        self.to_phone = rtp.RtpRewriter(clock_rate=8000)
-        self.browser_meter = StreamMeter(browser.clock_rate)
-        self.phone_meter = StreamMeter(8000)
+        parts = parts or python_parts(browser)
+        self.to_browser: Rewriter = parts.to_browser
+        self.to_phone: Rewriter = parts.to_phone
+        self.browser_meter: Meter = parts.browser_meter
+        self.phone_meter: Meter = parts.phone_meter
+        # Told of what the native loop must follow (workers/native_voice.py): the phone's
+        # address or hold changed, a key press took the stream's place, the bridge closed.
+        self.on_change: Callable[[], None] | None = None
         self.phone_event_pt: int | None = None
         self.phone_source = PeerFilter(latching)
         # One line per call per interval however fast a stranger sprays the port.
@@ -104,7 +155,9 @@ class VoiceBridge:
         opus = browser.codec == "OPUS"
         self._opus_to_pcmu = OpusToPcmu() if opus else None
         self._pcmu_to_opus = PcmuToOpus() if opus else None
-        self.last_sound_at: float | None = None  # the customer's microphone, last heard
+        self._last_sound_at: float | None = None  # the customer's microphone, last heard
+        # When the native loop relays the customer's voice, it samples it for sound too.
+        self.native_sound: Callable[[], float | None] | None = None
         self.recorder: VoiceRecorder | None = None  # the call's recording tap, if recorded
         self._has_sound = opus_has_sound if browser.codec == "OPUS" else pcmu_has_sound
         self._transcoded_ts = 0  # our own timelines for transcoded frames
@@ -147,6 +200,44 @@ class VoiceBridge:
                 self.phone.remote_rtp = latched
         self._held = hold
         self.phone_event_pt = event_pt
+        self._changed()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
+
+    def record_to(self, recorder: VoiceRecorder | None) -> None:
+        """The call's recorder hears both sides from now on (Python relays them then)."""
+        self.recorder = recorder
+        self._changed()
+
+    @property
+    def last_sound_at(self) -> float | None:
+        """When (monotonic) the customer's microphone was last heard, by either path."""
+        native = self.native_sound() if self.native_sound is not None else None
+        ours = self._last_sound_at
+        if native is None or ours is None:
+            return native if ours is None else ours
+        return max(native, ours)
+
+    @property
+    def held(self) -> bool:
+        """The phone holds the call (its SDP: sendonly, inactive, c=0.0.0.0)."""
+        return self._held
+
+    @property
+    def phone_media(self) -> bool:
+        """The phone has sent its audio (the ringback tone is over)."""
+        return self._phone_media
+
+    @property
+    def dtmf_busy_until(self) -> float:
+        """Until when (monotonic) key presses take the customer's audio's place."""
+        return self._dtmf_busy_until
+
+    @property
+    def transcoding(self) -> bool:
+        return self._opus_to_pcmu is not None
 
     def answered(self) -> None:
         self.stop_ringback()
@@ -161,7 +252,7 @@ class VoiceBridge:
         delay = max(0.0, self._next_tick - loop.time())
         self._ringback_timer = loop.call_later(delay, self._tick)
         ts, payload = self._ringback.next_frame()
-        self._to_browser_pcmu(_RINGBACK, ts, payload)
+        self._to_browser_pcmu(RINGBACK_SOURCE, ts, payload)
 
     # -- browser -> phone ----------------------------------------------------------------
 
@@ -174,7 +265,7 @@ class VoiceBridge:
         payload = rtp.payload_of(packet, header)
         # Look for sound in one packet of 10 (5 a second): enough for the 510 warning.
         if header.sequence % 10 == 0 and self._has_sound(payload):
-            self.last_sound_at = now
+            self._last_sound_at = now
         if now < self._dtmf_busy_until:
             return  # a key press is on the wire in this stream's place
         silence = self._from_browser_spurts.starts(header.sequence, header.timestamp)
@@ -222,6 +313,7 @@ class VoiceBridge:
         latched = self.phone_source.latched_rtp()
         if latched is not None and not self._held and self.phone.remote_rtp != latched:
             self.phone.remote_rtp = latched  # symmetric RTP: answer where it comes from
+            self._changed()
         header = rtp.parse_header(packet)
         if header is None:
             return
@@ -236,18 +328,19 @@ class VoiceBridge:
         if not self._phone_media:
             self._phone_media = True
             self.stop_ringback()
+            self._changed()
         payload = rtp.payload_of(packet, header)
         if self.recorder is not None:
             self.recorder.phone_audio(header.timestamp, payload)
         silence = self._from_phone_spurts.starts(header.sequence, header.timestamp)
         self._to_browser_pcmu(header.ssrc, header.timestamp, payload, silence)
 
-    def _to_browser_pcmu(self, source: object, timestamp: int, payload: bytes,
+    def _to_browser_pcmu(self, source: int, timestamp: int, payload: bytes,
                          silence: int = 0) -> None:
         if self._pcmu_to_opus is None:
             self.browser.send(
                 self.to_browser.rewrite(source, self.browser.payload_type, silence > 0,
-                                        timestamp, payload)
+                                        timestamp, payload, time.monotonic())
             )
             return
         if silence:
@@ -258,7 +351,8 @@ class VoiceBridge:
             self._opus_out_ts = (self._opus_out_ts + 960) & 0xFFFFFFFF
             self.browser.send(
                 self.to_browser.rewrite(source, self.browser.payload_type,
-                                        self._to_browser_mark, self._opus_out_ts, frame)
+                                        self._to_browser_mark, self._opus_out_ts, frame,
+                                        time.monotonic())
             )
             self._to_browser_mark = False
 
@@ -270,7 +364,8 @@ class VoiceBridge:
             return False
         packets = key_packets(key, duration_ms)
         loop = asyncio.get_running_loop()
-        start_ts = (self._to_phone_ts + 160) & 0xFFFFFFFF
+        # The phone-bound timeline as whoever last stamped it left it (Python or the loop).
+        start_ts = (self.to_phone.last_timestamp + 160) & 0xFFFFFFFF
         self._dtmf_busy_until = time.monotonic() + FRAME_SECONDS * (len(packets) + 1)
         pt = self.phone_event_pt
         for i, event in enumerate(packets):
@@ -278,6 +373,7 @@ class VoiceBridge:
                 i * FRAME_SECONDS,
                 self._send_event, pt, event.first, start_ts, event.payload,
             )
+        self._changed()
         return True
 
     def _send_event(self, pt: int, first: bool, timestamp: int, payload: bytes) -> None:
@@ -318,9 +414,14 @@ class VoiceBridge:
         # Kept for quality stats; the phone's reports about our stream live here.
         self.last_phone_rtcp = packet
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def close(self) -> None:
         self._closed = True
         self.stop_ringback()
         if self._rtcp_timer is not None:
             self._rtcp_timer.cancel()
+        self._changed()  # the native loop lets go of the phone's socket before it closes
         self.phone.close()

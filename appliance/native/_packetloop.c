@@ -903,7 +903,8 @@ typedef struct {
     struct mmsghdr out_msgs[BATCH];
     struct iovec out_iov[BATCH];
     int out_fd[BATCH];             /* the socket each queued datagram goes out of */
-    uint64_t datagrams, relayed, handed_up, oversized, send_errors, drains, routed_in;
+    uint64_t datagrams, relayed, relayed_elsewhere, handed_up, oversized, send_errors, drains,
+        routed_in;
 } PortLoopObject;
 
 static int endpoint_from(PyObject *host, int port, endpoint_t *ep) {
@@ -1432,7 +1433,11 @@ static void flush_out(PortLoopObject *self, int nout) {
             sent += 1;
             continue;
         }
-        self->relayed += (uint64_t)n;
+        /* The browsers' packets count as this socket's; the phone's as "elsewhere". */
+        if (fd == self->fd)
+            self->relayed += (uint64_t)n;
+        else
+            self->relayed_elsewhere += (uint64_t)n;
         sent += n;
     }
 }
@@ -1505,9 +1510,10 @@ static PyObject *PortLoop_stats(PortLoopObject *self, PyObject *unused) {
     for (int i = 0; i < MAX_FLOWS; i++)
         if (self->flows[i].used)
             unprotect_failed += self->flows[i].unprotect_failed;
-    return Py_BuildValue("{sKsKsKsKsKsKsKsKsi}", "datagrams", (unsigned long long)self->datagrams,
+    return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsi}", "datagrams", (unsigned long long)self->datagrams,
                          "routed_in", (unsigned long long)self->routed_in,
                          "relayed", (unsigned long long)self->relayed,
+                         "relayed_elsewhere", (unsigned long long)self->relayed_elsewhere,
                          "handed_up", (unsigned long long)self->handed_up,
                          "oversized", (unsigned long long)self->oversized,
                          "send_errors", (unsigned long long)self->send_errors,
