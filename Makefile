@@ -69,8 +69,17 @@ imports: venv
 
 # Every test runs inside a fresh network namespace that has only loopback: nothing a test
 # does can send a packet outside 127.0.0.0/8.
+# Then the media end-to-end tests once more on the pure-Python packet path (media.native_loop
+# = false: the reference and the fallback of a box where the extension did not build);
+# `make test-python-path SUITE=tests` runs the whole suite that way.
 test: venv system-deps lint
 	tests/in-loopback-netns.sh $(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(MAKE) --no-print-directory test-python-path
+
+PYTHON_PATH_SUITE ?= tests/e2e/test_voice.py tests/e2e/test_video.py tests/e2e/test_full_call.py
+test-python-path: venv system-deps
+	APPLIANCE_TEST_NATIVE_LOOP=0 tests/in-loopback-netns.sh $(BIN)/python -m pytest \
+		$(or $(SUITE),$(PYTHON_PATH_SUITE)) $(PYTEST_ARGS)
 
 # The hostile-network fuzzers at full scale (>= 10^5 WSS frames, >= 10^6 SIP datagrams
 # against a live call); `make test` runs the same tests at a small scale.

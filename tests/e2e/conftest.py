@@ -196,6 +196,8 @@ def make_appliance(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[A
             "media": {"addresses": ["127.0.0.1"], "dtls_timeout": 10.0,
                       "udp_port": free_udp_ports(2), "tcp_port": free_tcp_ports(2)},
         }
+        if not NATIVE_LOOP:  # make test-python-path: the pure-Python packet path
+            sections["media"]["native_loop"] = False
         for name, values in overrides.items():
             sections.setdefault(name, {}).update(values)
         config_path = data / "appliance.toml"
@@ -232,3 +234,5 @@ async def eventually(predicate: Any, timeout: float, interval: float = 0.05) -> 
 
 
 os.environ.setdefault("PYTHONUNBUFFERED", "1")
+# APPLIANCE_TEST_NATIVE_LOOP=0: every appliance a test starts relays on the pure-Python path.
+NATIVE_LOOP = os.environ.get("APPLIANCE_TEST_NATIVE_LOOP", "1") != "0"

@@ -11,11 +11,13 @@ from typing import Any
 import pytest
 
 from appliance import native
+from tests.e2e.conftest import NATIVE_LOOP
 from tests.e2e.test_voice import desk_phone, place_call, sipp_ok
 
 pytestmark = [
     pytest.mark.e2e,
     pytest.mark.skipif(not native.AVAILABLE, reason=native.WHY_NOT or "native loop"),
+    pytest.mark.skipif(not NATIVE_LOOP, reason="APPLIANCE_TEST_NATIVE_LOOP=0"),
 ]
 
 TO_PHONE = "the customer's voice to the phone relayed by the native loop"

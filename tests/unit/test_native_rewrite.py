@@ -131,3 +131,51 @@ def test_what_is_not_rtp_is_not_relayed_and_changes_nothing(
         native.module().Rewriter(1, 0, False, 0, 0)
     with pytest.raises((ValueError, OverflowError)):
         native.module().Rewriter(2**32, 90000, False, 0, 0)
+
+
+# The voice bridge's calls (rewrite with a source of its own, stamp on hold, inject for
+# DTMF, mark_next after a hold): the native Rewriter answers each as RtpRewriter does.
+_voice_op = st.one_of(
+    st.tuples(st.just("rewrite"), st.sampled_from([0xCAFE, 0xBEEF, 1 << 32]),
+              st.integers(0, 127), st.booleans(), st.integers(0, 0xFFFFFFFF),
+              st.binary(max_size=200), st.floats(0, 0.5)),
+    st.tuples(st.just("stamp"), st.sampled_from([0xCAFE, 0xBEEF, 1 << 32]),
+              st.integers(0, 0xFFFFFFFF), st.floats(0, 0.5)),
+    st.tuples(st.just("inject"), st.integers(0, 127), st.booleans(),
+              st.integers(0, 0xFFFFFFFF), st.binary(max_size=8)),
+    st.tuples(st.just("mark_next")),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(ops=st.lists(_voice_op, max_size=40), seq=st.integers(0, 0xFFFF),
+       first_ts=st.integers(0, 0xFFFFFFFF))
+def test_the_voice_bridges_calls_match_rtp_rewriter(
+        ops: list[tuple], seq: int, first_ts: int) -> None:
+    python = rtp.RtpRewriter(0x5EED, 8000)
+    python._seq = seq
+    c = native.module().Rewriter(0x5EED, 8000, True, seq, first_ts)
+    now = 100.0
+    original = rtp.random.getrandbits
+    rtp.random.getrandbits = lambda bits: first_ts  # type: ignore[assignment]
+    try:
+        for op in ops:
+            if op[0] == "rewrite":
+                _, source, pt, marker, ts, payload, step = op
+                now += step
+                assert c.rewrite(source, pt, marker, ts, payload, now) == \
+                    python.rewrite(source, pt, marker, ts, payload, now)
+            elif op[0] == "stamp":
+                _, source, ts, step = op
+                now += step
+                assert c.stamp(source, ts, now) == python.stamp(source, ts, now)
+            elif op[0] == "inject":
+                _, pt, marker, ts, payload = op
+                assert c.inject(pt, marker, ts, payload) == python.inject(pt, marker, ts, payload)
+            else:
+                c.mark_next()
+                python.mark_next()
+            assert (c.packets, c.octets, c.last_timestamp) == \
+                (python.packets, python.octets, python.last_timestamp)
+    finally:
+        rtp.random.getrandbits = original  # type: ignore[assignment]
