@@ -216,6 +216,8 @@ class SimCall:
         legs = [leg for leg in (self.user, self.agent) if leg is not None]
         return {
             "i": self.index,
+            # The appliance's channels of the two legs: what its log names the call by.
+            "channels": [leg.call.channel for leg in (self.user, self.agent) if leg is not None],
             "state": self.state,
             "failure": self.failure,
             "rx": {k: (s.snapshot() if s is not None else None)

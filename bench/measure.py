@@ -122,7 +122,7 @@ def step_figures(a: dict[str, Any], b: dict[str, Any], calls_target: int,
 
     # -- media at the receivers ---------------------------------------------------------
     media: dict[str, Any] = {}
-    silent: set[int] = set()
+    silent: dict[int, list[str]] = {}  # call -> the streams that received nothing
     lost_total = expected_total = 0
     for kind in STREAM_KINDS:
         received = expected = frames = octets = 0
@@ -134,7 +134,7 @@ def step_figures(a: dict[str, Any], b: dict[str, Any], calls_target: int,
             ra = ra or [0, 0, 0.0, 0, 0]
             d_received, d_expected = rb[0] - ra[0], rb[1] - ra[1]
             if d_received <= 0:
-                silent.add(i)
+                silent.setdefault(i, []).append(kind)
             received += d_received
             expected += max(d_expected, d_received)
             frames += rb[3] - ra[3]
@@ -176,7 +176,9 @@ def step_figures(a: dict[str, Any], b: dict[str, Any], calls_target: int,
             failures.append({"call": i, "when": "settle", "why": c["failure"]})
     for i in sorted(silent):
         if calls_b[i]["state"] == "up":
-            failures.append({"call": i, "when": "hold", "why": "a stream received nothing"})
+            failures.append({"call": i, "channels": calls_b[i].get("channels"),
+                             "when": "hold",
+                             "why": f"received nothing: {', '.join(silent[i])}"})
 
     # -- the appliance ------------------------------------------------------------------
     status_workers = {str(w["index"]): w for w in b["status"]["workers"]}

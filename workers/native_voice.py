@@ -15,8 +15,9 @@ the loop relays:
   phone pauses it for the events' time.
 - phone -> browser: the phone's RTP socket is drained by a loop of its own; a flow for the
   phone's address (the SDP's, or the latched one), a route for PCMU once the phone's first
-  audio ended the ringback, SRTP-protected with one sender for the browser's audio SSRC
-  that Python uses too from then on (so a fallback never repeats an SRTP index).
+  audio ended the ringback, SRTP-protected with one sender for the browser's audio SSRC,
+  made before the stream's first packet and used by Python too (the ringback, a fallback):
+  one rollover counter, never a repeated SRTP index.
 
 Everything else stays Python: telephone-events either way, RTCP, the ringback, a recorded
 call (the recorder's copy), Opus (transcoded), ICE-TCP legs, a source that is not the
@@ -156,6 +157,14 @@ class NativeVoice:
         self._stopped_why = ""
         bridge.on_change = self.sync
         bridge.native_sound = self._last_sound
+        # The browser's audio stream gets its one SRTP sender before its first packet (the
+        # ringback is Python's): a sender taken over later would not know whether the
+        # sequence numbers had wrapped (the rollover counter) and the browser would drop
+        # everything. Without keys now, this stream stays Python's.
+        if self._have_keys() and leg.fast_path is not None:
+            assert self._keys is not None
+            self._browser_tx = native.module().Srtp(self._keys.profile, self._keys.tx, True)
+            leg.fast_path.use_tx_for(bridge.browser.ssrc, self._browser_tx)
 
     # -- the decisions -------------------------------------------------------------------
 
@@ -253,13 +262,9 @@ class NativeVoice:
         bridge = self.bridge
         phone_loop = bridge.phone.native_loop
         source = self._phone_source()
-        if phone_loop is None or not bridge.phone_media or source is None:
+        if phone_loop is None or not bridge.phone_media or source is None \
+                or self._browser_tx is None:
             return
-        if self._browser_tx is None:
-            assert self._keys is not None and self.leg.fast_path is not None
-            self._browser_tx = native.module().Srtp(self._keys.profile, self._keys.tx, True)
-            # From now on Python protects this stream with the same sender as the loop.
-            self.leg.fast_path.use_tx_for(bridge.browser.ssrc, self._browser_tx)
         if self._phone_flow is None:
             self._phone_flow = phone_loop.add_flow(str(source[0]), int(source[1]), None)
             self._phone_from = source
