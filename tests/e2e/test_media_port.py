@@ -270,7 +270,7 @@ async def test_video_between_customer_and_agent_over_the_worker_port(
         workers = status(appliance)["workers"]
         assert all(w["decoders_created"] == 0 for w in workers), workers
         if native.AVAILABLE:  # both cameras on the native loop, the PLI answered through it
-            assert appliance.count_in_log(r"relayed by the native loop") == 2
+            assert appliance.count_in_log(r"native video: .* relayed by the native loop") == 2
         await agent.hangup()
         await user.hangup()
         await sipp_ok(sipp)
