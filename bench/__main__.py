@@ -67,6 +67,9 @@ def parser() -> argparse.ArgumentParser:
                      help="the callers' ICE transport, one phase of ours each: udp, tcp "
                           "(every leg over ICE-TCP, RFC 6544) or udp,tcp to compare them in "
                           "one run (default udp; the baseline runs over UDP)")
+    run.add_argument("--generator", choices=("native", "python"), default="native",
+                     help="how the callers send and count media: native (the native loop, "
+                          "where it is built; ICE-TCP legs stay Python) or python")
     run.add_argument("--setup-concurrency", type=int, default=8,
                      help="calls being set up at once, over all caller processes")
     run.add_argument("--setup-timeout", type=float, default=45.0)
@@ -110,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
         workers=args.workers, callers=args.callers, baseline=not args.no_baseline,
         results_dir=args.results_dir, cache_dir=args.cache_dir, address=args.address,
         audio=args.audio,
-        record=args.record, transports=args.transports,
+        record=args.record, transports=args.transports, generator=args.generator,
         setup_concurrency=args.setup_concurrency, setup_timeout=args.setup_timeout,
         stop_after_failures=args.stop_after_failures,
         criteria=criteria,

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from appliance import native
 from appliance.edges.rtc_adapter import SilentTrack, SrtpFastPath, sender_ssrc
 from appliance.media import rtcp
 from appliance_sdk import Call, MediaServerClient
@@ -43,6 +44,7 @@ from bench.media_cache import (
     load_or_make_opus,
     load_or_make_pcmu,
 )
+from bench.native_leg import MeterStream, NativeLegMedia, audio_playout, video_playout
 from bench.pacer import Pacer, TxAudio, TxStream, TxVideo
 from bench.rtp_stats import RxStream
 
@@ -86,8 +88,13 @@ class Leg:
     """One browser leg of a simulated call: its SDK Call and its fast-path media."""
 
     def __init__(self, call: Call, tracks: list[SilentTrack], send_kinds: tuple[str, ...],
-                 media: Media, pacer: Pacer, rng: random.Random) -> None:
+                 media: Media, pacer: Pacer, rng: random.Random,
+                 native_media: bool = False) -> None:
         self.call = call
+        # The native loop's socket drain and playouts (bench.native_leg) where the selected
+        # pair is a UDP socket; the Python streams otherwise (ICE-TCP, no extension).
+        self.use_native = native_media
+        self.native: NativeLegMedia | None = None
         self.tracks = tracks
         self.send_kinds = send_kinds
         self.media = media
@@ -95,9 +102,9 @@ class Leg:
         self.rng = rng
         self.fast: SrtpFastPath | None = None
         self.rx: dict[int, RxStream] = {}  # by payload type
-        self.rx_by_kind: dict[str, RxStream] = {}
-        self.tx: list[TxStream] = []
-        self.video_tx: TxVideo | None = None
+        self.rx_by_kind: dict[str, RxStream | MeterStream] = {}
+        self.tx: list[Any] = []  # TxStream, or the native loop's Playout
+        self.video_tx: Any = None  # TxVideo or Playout: what a PLI jumps
         self.connected = asyncio.Event()
         self.keyframe_requests = 0
         self.nacks = 0
@@ -118,11 +125,22 @@ class Leg:
         pts = payload_types(pc.remoteDescription.sdp)
         audio_pt = pts.get("audio", {}).get(self.media.audio_codec)
         video_pt = pts.get("video", {}).get("VP8")
+        self.fast = SrtpFastPath(pc, self._on_rtp, self._on_rtcp)
+        if self.use_native:
+            self._attach_native(audio_pt, video_pt)
+        if self.native is None:
+            self._attach_python(audio_pt, video_pt)
+        for stream in self.tx:
+            self.pacer.add(stream)
+        self.connected.set()
+
+    def _attach_python(self, audio_pt: int | None, video_pt: int | None) -> None:
+        assert self.fast is not None
+        pc = self.call.pc
         if audio_pt is not None:
             self.rx[audio_pt] = self.rx_by_kind["audio"] = RxStream(self.media.audio_clock)
         if video_pt is not None:
             self.rx[video_pt] = self.rx_by_kind["video"] = RxStream(VIDEO_CLOCK)
-        self.fast = SrtpFastPath(pc, self._on_rtp, self._on_rtcp)
         now = asyncio.get_running_loop().time()
         # A random phase per stream spreads the calls' packets over the pacer's ticks.
         if "audio" in self.send_kinds and audio_pt is not None:
@@ -136,9 +154,41 @@ class Leg:
                                     clip.frames, clip.params.fps,
                                     now + self.rng.random() / clip.params.fps, self.rng)
             self.tx.append(self.video_tx)
-        for stream in self.tx:
-            self.pacer.add(stream)
-        self.connected.set()
+
+    def _attach_native(self, audio_pt: int | None, video_pt: int | None) -> None:
+        """The same streams as _attach_python, drawn from the same random numbers, on the
+        native loop; nothing when the leg's pair is not one of aioice's UDP sockets."""
+        assert self.fast is not None
+        pc = self.call.pc
+        meters: dict[int, MeterStream] = {}
+        if audio_pt is not None:
+            meters[audio_pt] = MeterStream(self.media.audio_clock, is_vp8=False)
+        if video_pt is not None:
+            meters[video_pt] = MeterStream(VIDEO_CLOCK, is_vp8=True)
+        try:
+            leg = NativeLegMedia(pc, self.fast, meters)
+        except ValueError as exc:
+            log.info("leg %s: media in Python: %s", self.call.channel, exc)
+            return  # ICE-TCP: the Python streams
+        self.native = leg
+        if audio_pt is not None:
+            self.rx_by_kind["audio"] = meters[audio_pt]
+        if video_pt is not None:
+            self.rx_by_kind["video"] = meters[video_pt]
+        now = asyncio.get_running_loop().time()
+        if "audio" in self.send_kinds and audio_pt is not None:
+            clock = self.media.audio_clock
+            start = now + self.rng.random() * 0.02
+            self.tx.append(audio_playout(leg.tx, leg.sock, leg.remote, sender_ssrc(pc, "audio"),
+                                         audio_pt, self.media.audio, clock // 50, start,
+                                         self.rng))
+        if "video" in self.send_kinds and video_pt is not None:
+            clip = self.media.clip
+            start = now + self.rng.random() / clip.params.fps
+            self.video_tx = video_playout(leg.tx, leg.sock, leg.remote,
+                                          sender_ssrc(pc, "video"), video_pt, clip.frames,
+                                          clip.params.fps, start, self.rng)
+            self.tx.append(self.video_tx)
 
     def _on_rtp(self, packet: bytes) -> None:
         stream = self.rx.get(packet[1] & 0x7F)
@@ -161,9 +211,13 @@ class Leg:
     def stop_sending(self) -> None:
         for stream in self.tx:
             self.pacer.remove(stream)
+            if not isinstance(stream, TxStream):
+                stream.stop()  # a Playout: its socket may close next
 
     async def close(self) -> None:
         self.stop_sending()
+        if self.native is not None:
+            self.native.detach()
         if self.fast is not None:
             self.fast.detach()
         with contextlib.suppress(Exception):
@@ -173,7 +227,8 @@ class Leg:
 
     @property
     def unprotect_errors(self) -> int:
-        return self.fast.unprotect_errors if self.fast is not None else 0
+        errors = self.fast.unprotect_errors if self.fast is not None else 0
+        return errors + (self.native.unprotect_errors if self.native is not None else 0)
 
 
 @dataclass
@@ -251,6 +306,8 @@ class CallerHost:
         self.media = media
         self.loop = asyncio.get_running_loop()
         self.pacer = Pacer(self.loop)
+        self.generator = "native" if args.generator == "native" and native.AVAILABLE \
+            else "python"
         self.calls: dict[int, SimCall] = {}
         self.rng = random.Random(args.seed)
         self._users: MediaServerClient | None = None
@@ -295,7 +352,8 @@ class CallerHost:
             record=1 if self.args.record else 0,
             audio_track=tracks[0], video_track=tracks[1], transport=self._transport)
         offered = time.monotonic()  # make_video_call returns once the offer is sent
-        sim.user = Leg(user_call, tracks, ("audio", "video"), self.media, self.pacer, self.rng)
+        sim.user = Leg(user_call, tracks, ("audio", "video"), self.media, self.pacer, self.rng,
+                       self.generator == "native")
         dtls = await _wait(user_call, "dtls_connect")
         sim.setup_ms["user_dtls"] = (dtls - offered) * 1000
         # Join with medium audio: the desk phone answered (SIP 200), the customer is in.
@@ -308,7 +366,8 @@ class CallerHost:
             roomkey, medium=2, audio_track=agent_tracks[0], video_track=agent_tracks[1],
             transport=self._transport)
         agent_offered = time.monotonic()
-        sim.agent = Leg(agent_call, agent_tracks, ("video",), self.media, self.pacer, self.rng)
+        sim.agent = Leg(agent_call, agent_tracks, ("video",), self.media, self.pacer, self.rng,
+                        self.generator == "native")
         agent_dtls = await _wait(agent_call, "dtls_connect")
         sim.setup_ms["agent_dtls"] = (agent_dtls - agent_offered) * 1000
         sim.setup_ms["total"] = (agent_dtls - offered) * 1000
@@ -347,7 +406,11 @@ class CallerHost:
                             "max": round(ordered[-1], 3) if ordered else 0.0,
                             "mean": round(statistics.fmean(ordered), 3) if ordered else 0.0,
                             "ticks": len(ordered)},
-            "streams_sending": len(self.pacer.streams),
+            "streams_sending": self.pacer.sending,
+            # How the legs that are up send and count: "native" and/or "python".
+            "generator": sorted({"native" if leg.native is not None else "python"
+                                 for c in self.calls.values() for leg in (c.user, c.agent)
+                                 if leg is not None and leg.fast is not None}),
         }
 
     async def stop(self) -> None:
@@ -417,12 +480,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--setup-concurrency", type=int, default=8)
     parser.add_argument("--setup-timeout", type=float, default=45.0)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--generator", choices=("native", "python"), default="native",
+                        help="native: the legs' media on the native loop where it is built "
+                             "(bench.native_leg); python: the Python streams")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s caller %(name)s: %(message)s")
-    import uvloop
+    if args.generator == "native" and native.AVAILABLE:
+        # The native loop drains aioice's sockets itself: that takes the selector loop's
+        # readers (uvloop's UDP transports read in libuv, out of reach). The media is in C,
+        # so uvloop would only speed up signalling here.
+        asyncio.run(serve(args))
+    else:
+        import uvloop
 
-    uvloop.run(serve(args))
+        uvloop.run(serve(args))
 
 
 if __name__ == "__main__":

@@ -251,6 +251,8 @@ def step_figures(a: dict[str, Any], b: dict[str, Any], calls_target: int,
             "packets_sent": sent,
             "packets_per_s": round(sent / dt),
             "periods_skipped": tx_skipped,
+            # How the callers sent and counted: "native" (bench.native_leg) or "python".
+            "media_path": sorted({path for c in b["callers"] for path in c.get("generator", [])}),
         },
         "udp_drops": drops,
         # Not ours: other processes on the machine and the hypervisor. Non-zero means the

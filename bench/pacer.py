@@ -13,7 +13,9 @@ import random
 import struct
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from typing import Any
 
+from appliance import native
 from bench.media_cache import VideoFrame
 
 TICK = 0.010
@@ -129,11 +131,13 @@ class TxVideo(TxStream):
 
 
 class Pacer:
-    """The one timer of a generator process."""
+    """The one timer of a generator process: Python streams one by one, the native loop's
+    (bench.native_leg: `Playout`) all in one C call."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self.streams: list[TxStream] = []
+        self.playouts: list[Any] = []
         self._handle: asyncio.TimerHandle | None = None
         self._due = 0.0
         self.lags_ms: list[float] = []  # how late each tick ran; reset by the reader
@@ -146,12 +150,17 @@ class Pacer:
         if self._handle is not None:
             self._handle.cancel()
 
-    def add(self, stream: TxStream) -> None:
-        self.streams.append(stream)
+    def add(self, stream: Any) -> None:
+        (self.streams if isinstance(stream, TxStream) else self.playouts).append(stream)
 
-    def remove(self, stream: TxStream) -> None:
-        if stream in self.streams:
-            self.streams.remove(stream)
+    def remove(self, stream: Any) -> None:
+        for streams in (self.streams, self.playouts):
+            if stream in streams:
+                streams.remove(stream)
+
+    @property
+    def sending(self) -> int:
+        return len(self.streams) + len(self.playouts)
 
     def _tick(self) -> None:
         now = self._loop.time()
@@ -159,6 +168,8 @@ class Pacer:
         for stream in self.streams:
             if stream.due <= now:
                 stream.emit(now)
+        if self.playouts:
+            native.module().emit_all(self.playouts, now)
         self._due += TICK
         if self._due <= now:  # a tick that overran: re-anchor rather than fire back-to-back
             self._due = now + TICK

@@ -56,7 +56,9 @@ def write_summary(result: dict[str, Any], path: Path) -> None:
         + (" (shared with the workers!)" if layout["cores_shared"] else "")
         + f". Python {m['python']}, aiortc {m['aiortc']}. {o['workers']} worker(s); steps "
         f"{o['steps']}, {o['hold']:g} s held each. A call = customer leg ({o['audio']} + VP8 "
-        "640x480 30 fps) + agent video leg + sipp desk phone echoing the voice.",
+        "640x480 30 fps) + agent video leg + sipp desk phone echoing the voice. The callers' "
+        f"media: {o.get('generator', 'python')} (native: sent and counted by the native "
+        "loop, ICE-TCP legs in Python).",
         "",
         "A step passes with loss < "
         f"{o['criteria']['max_loss_pct']:g} %, loop lag p99 < "

@@ -57,6 +57,7 @@ class Options:
     record: bool = False  # every call recorded (offer record: 1): the recorder's cost
     # Our relay is measured once per transport; the baseline over UDP only.
     transports: tuple[str, ...] = ("udp",)
+    generator: str = "native"  # the callers' media: "native" (bench.native_leg) or "python"
     setup_concurrency: int = 8
     setup_timeout: float = 45.0
     stop_after_failures: int = 2  # one step past the limit shows the cliff on the plot
@@ -218,7 +219,7 @@ class Bench:
                     "--aps-db", str(self.aps_db), "--cache-dir", str(o.cache_dir),
                     "--address", o.address, "--audio", o.audio,
                     *(["--record"] if o.record else []),
-                    "--transport", transport.upper(),
+                    "--transport", transport.upper(), "--generator", o.generator,
                     # Unique per phase: AP-S sees every call of the run.
                     "--identity-prefix", f"B{key[:1].upper()}{transport[:1].upper()}{k}-",
                     "--setup-concurrency", str(per), "--setup-timeout", str(o.setup_timeout),

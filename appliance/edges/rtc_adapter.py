@@ -423,6 +423,20 @@ class SrtpFastPath:
         self._last_pair, self._last_send = pair, send
         return send
 
+    def nominated_udp(self) -> tuple[Any, Any, tuple[str, int]] | None:
+        """(aioice's datagram protocol, its socket, the remote address) of the selected pair
+        when it is a plain UDP pair of aioice's own on a selector event loop (whose reader a
+        caller may take over); None otherwise (ICE-TCP, TURN, the ICE-lite port's pairs,
+        uvloop's transports, no pair yet). For a caller that drains that socket itself."""
+        pair = self._conn._nominated.get(1)
+        if pair is None or hasattr(pair, "send"):
+            return None
+        transport = getattr(pair.protocol, "transport", None)
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if sock is None or getattr(transport, "_read_ready", None) is None:
+            return None
+        return pair.protocol, sock, (str(pair.remote_addr[0]), int(pair.remote_addr[1]))
+
     def use_tx_for(self, ssrc: int, session: Any) -> None:
         """Protect our stream `ssrc` with `session` from now on: the native loop's sender
         for a stream it sends too (appliance.native's Srtp, pylibsrtp's API), so that one

@@ -10,6 +10,7 @@
 #define PY_SSIZE_T_CLEAN
 #define _GNU_SOURCE  /* recvmmsg, sendmmsg */
 #include <Python.h>
+#include <structmember.h>
 #include <stdint.h>
 #include <math.h>
 #include <string.h>
@@ -857,6 +858,7 @@ typedef struct route {
     int voice;                     /* audio: our own marker (talkspurts), no NACK cache */
     int sound_check;               /* sample one packet in 10 for sound (the customer's mic) */
     int fd;                        /* the socket to send from */
+    int sink;                      /* metered, then dropped (add_sink: a receiver's end) */
     spurts_t spurts;
     double last_sound;             /* monotonic time the sound check last heard something */
     int out_payload_type;
@@ -1156,6 +1158,41 @@ static PyObject *PortLoop_add_route(PortLoopObject *self, PyObject *args, PyObje
     Py_RETURN_NONE;
 }
 
+/* A receiver's end of a stream: the flow's packets of that type are unprotected and
+   metered, then dropped (the load generator's callers count what they receive this way). */
+static PyObject *PortLoop_add_sink(PortLoopObject *self, PyObject *args) {
+    long id;
+    int pt;
+    PyObject *meter;
+    if (!PyArg_ParseTuple(args, "liO!", &id, &pt, &MeterType, &meter))
+        return NULL;
+    if (pt < 0 || pt > 127) {
+        PyErr_SetString(PyExc_ValueError, "payload type 0..127");
+        return NULL;
+    }
+    flow_t *f = flow_by_id(self, id);
+    if (f == NULL)
+        return NULL;
+    for (route_t *r = f->routes; r != NULL; r = r->next)
+        if (r->payload_type == pt) {
+            PyErr_SetString(PyExc_ValueError, "that payload type is routed already");
+            return NULL;
+        }
+    route_t *r = PyMem_Calloc(1, sizeof *r);
+    if (r == NULL)
+        return PyErr_NoMemory();
+    r->payload_type = pt;
+    r->sink = 1;
+    r->fd = self->fd;
+    for (int i = 0; i < NACK_SLOTS; i++)
+        r->cache_seq[i] = -1;
+    Py_INCREF(meter);
+    r->meter = meter;
+    r->next = f->routes;
+    f->routes = r;
+    Py_RETURN_NONE;
+}
+
 static route_t *route_of(PortLoopObject *self, long id, int pt) {
     flow_t *f = flow_by_id(self, id);
     if (f == NULL)
@@ -1375,6 +1412,8 @@ static int relay_one(PortLoopObject *self, flow_t *f, unsigned char *buf, int le
     if (rtp_payload_bounds(buf, len, &start, &end) < 0)
         return 1;
     int keyframe = meter_packet(&((MeterObject *)r->meter)->m, buf, len, start, now);
+    if (r->sink)
+        return 1;
     if (r->voice)
         return relay_voice(self, r, buf, start, end, now, nout);
     if (r->paused) {
@@ -1394,7 +1433,8 @@ static int relay_one(PortLoopObject *self, flow_t *f, unsigned char *buf, int le
     unsigned char *o = self->out[*nout];
     int out_len = (int)rewrite_into(rw, buf, start, end, r->out_payload_type, r->ext_id,
                                     now, wall, o);
-    if (srtp_protect(((SrtpObject *)r->tx)->session, o, &out_len) != srtp_err_status_ok)
+    if (r->tx != NULL &&
+        srtp_protect(((SrtpObject *)r->tx)->session, o, &out_len) != srtp_err_status_ok)
         return 1;
     int slot = rw->seq % NACK_SLOTS;
     if (r->cache_cap[slot] < out_len) {
@@ -1531,6 +1571,8 @@ static PyMethodDef PortLoop_methods[] = {
      METH_VARARGS | METH_KEYWORDS,
      "add_route(flow, payload_type, meter, rewriter, out_payload_type, tx, host, port, "
      "abs_send_time_id=-1): relay that payload type to host:port (from a keyframe)."},
+    {"add_sink", (PyCFunction)PortLoop_add_sink, METH_VARARGS,
+     "add_sink(flow, payload_type, meter): meter that payload type's packets, relay none."},
     {"remove_route", (PyCFunction)PortLoop_remove_route, METH_VARARGS,
      "remove_route(flow, payload_type): stop relaying it (its packets come up again)."},
     {"move_flow", (PyCFunction)PortLoop_move_flow, METH_VARARGS,
@@ -1562,11 +1604,369 @@ static PyTypeObject PortLoopType = {
     .tp_methods = PortLoop_methods,
 };
 
+static PyTypeObject PlayoutType;
+
+/* -- Playout: pre-encoded RTP, paced ------------------------------------------------- */
+
+/* bench/pacer.py's TxAudio and TxVideo in C: a loop of pre-encoded frames (each one or
+   more payloads) sent at their due times with our SSRC, sequence and timestamp, protected
+   and batched. It is how the load generator's callers send without costing more than the
+   appliance they load (issue 13); the Python streams stay the reference it is tested
+   against, byte for byte. */
+
+#define PLAY_MAX_BEHIND 0.2      /* further behind, skip what was missed (no burst) */
+#define PLAY_KEYFRAME_JUMP 0.5   /* at most one PLI-driven jump per half second */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *tx;                /* SrtpObject, or NULL: plain RTP */
+    int fd;
+    endpoint_t dest;
+    uint32_t ssrc;
+    int payload_type;
+    int video;                   /* marker on a frame's last packet; audio: the first ever */
+    PyObject *frames;            /* tuple of tuples of bytes */
+    Py_ssize_t nframes;
+    Py_ssize_t *keyframes;       /* sorted frame indices */
+    Py_ssize_t nkeyframes;
+    Py_ssize_t index;
+    double due, period, last_jump;
+    uint32_t ts, ts_step;
+    uint16_t seq;
+    int started;
+    int stopped;
+    unsigned long long sent, skipped, keyframe_jumps, send_errors;
+} PlayoutObject;
+
+static int Playout_init(PlayoutObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"tx", "fd", "host", "port", "ssrc", "payload_type", "frames",
+                             "keyframes", "period", "ts_step", "start", "seq", "ts", "index",
+                             "video", NULL};
+    PyObject *tx, *host, *frames, *keys;
+    int fd, port, pt, video = 0;
+    unsigned long ssrc, ts_step, seq, ts;
+    double period, start;
+    Py_ssize_t index = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OiUikiOOdkdkk|np", kwlist, &tx, &fd,
+                                     &host, &port, &ssrc, &pt, &frames, &keys, &period,
+                                     &ts_step, &start, &seq, &ts, &index, &video))
+        return -1;
+    if (tx != Py_None && (!PyObject_TypeCheck(tx, &SrtpType) ||
+                          ((SrtpObject *)tx)->session == NULL ||
+                          !((SrtpObject *)tx)->outbound)) {
+        PyErr_SetString(PyExc_ValueError, "tx must be an outbound Srtp session or None");
+        return -1;
+    }
+    if (fd < 0 || pt < 0 || pt > 127 || ssrc > 0xFFFFFFFFul || seq > 0xFFFF ||
+        ts > 0xFFFFFFFFul || ts_step > 0xFFFFFFFFul || !(period > 0.0)) {
+        PyErr_SetString(PyExc_ValueError, "fd, payload type, ssrc, seq, ts or period out of range");
+        return -1;
+    }
+    if (!PyTuple_Check(frames) || PyTuple_GET_SIZE(frames) < 1) {
+        PyErr_SetString(PyExc_TypeError, "frames must be a non-empty tuple of tuples of bytes");
+        return -1;
+    }
+    Py_ssize_t n = PyTuple_GET_SIZE(frames);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *frame = PyTuple_GET_ITEM(frames, i);
+        if (!PyTuple_Check(frame) || PyTuple_GET_SIZE(frame) < 1) {
+            PyErr_SetString(PyExc_TypeError, "each frame must be a non-empty tuple of bytes");
+            return -1;
+        }
+        for (Py_ssize_t j = 0; j < PyTuple_GET_SIZE(frame); j++) {
+            PyObject *pl = PyTuple_GET_ITEM(frame, j);
+            if (!PyBytes_Check(pl) || RTP_HEADER + PyBytes_GET_SIZE(pl) > MAX_DATAGRAM) {
+                PyErr_SetString(PyExc_ValueError, "payloads must be bytes that fit a datagram");
+                return -1;
+            }
+        }
+    }
+    if (index < 0 || index >= n) {
+        PyErr_SetString(PyExc_ValueError, "index must name a frame");
+        return -1;
+    }
+    PyObject *fast = PySequence_Fast(keys, "keyframes must be a sequence of frame indices");
+    if (fast == NULL)
+        return -1;
+    Py_ssize_t nk = PySequence_Fast_GET_SIZE(fast);
+    Py_ssize_t *k = PyMem_Calloc(nk ? (size_t)nk : 1, sizeof *k);
+    if (k == NULL) {
+        Py_DECREF(fast);
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < nk; i++) {
+        k[i] = PyLong_AsSsize_t(PySequence_Fast_GET_ITEM(fast, i));
+        if ((k[i] == -1 && PyErr_Occurred()) || k[i] < 0 || k[i] >= n ||
+            (i > 0 && k[i] <= k[i - 1])) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_ValueError, "keyframes must be sorted frame indices");
+            Py_DECREF(fast);
+            PyMem_Free(k);
+            return -1;
+        }
+    }
+    Py_DECREF(fast);
+    endpoint_t ep;
+    if (endpoint_from(host, port, &ep) < 0) {
+        PyMem_Free(k);
+        return -1;
+    }
+    Py_CLEAR(self->tx);
+    Py_CLEAR(self->frames);
+    PyMem_Free(self->keyframes);
+    if (tx != Py_None) {
+        Py_INCREF(tx);
+        self->tx = tx;
+    }
+    Py_INCREF(frames);
+    self->frames = frames;
+    self->nframes = n;
+    self->keyframes = k;
+    self->nkeyframes = nk;
+    self->fd = fd;
+    self->dest = ep;
+    self->ssrc = (uint32_t)ssrc;
+    self->payload_type = pt;
+    self->video = video;
+    self->index = index;
+    self->period = period;
+    self->due = start;
+    self->last_jump = -PLAY_KEYFRAME_JUMP;
+    self->ts = (uint32_t)ts;
+    self->ts_step = (uint32_t)ts_step;
+    self->seq = (uint16_t)seq;
+    self->started = 0;
+    self->stopped = 0;
+    self->sent = self->skipped = self->keyframe_jumps = self->send_errors = 0;
+    return 0;
+}
+
+static void Playout_dealloc(PlayoutObject *self) {
+    Py_XDECREF(self->tx);
+    Py_XDECREF(self->frames);
+    PyMem_Free(self->keyframes);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* The batch every Playout fills and sends (one thread: the GIL is held throughout). */
+static unsigned char play_out[BATCH][OUT_SIZE];
+static struct mmsghdr play_msgs[BATCH];
+static struct iovec play_iov[BATCH];
+
+static void play_flush(PlayoutObject *self, int n) {
+    int done = 0;
+    while (done < n) {
+        int k = sendmmsg(self->fd, &play_msgs[done], (unsigned int)(n - done), MSG_DONTWAIT);
+        if (k < 0) {
+            if (errno == EINTR)
+                continue;
+            self->send_errors += 1;  /* a full buffer: a real-time packet is dropped */
+            done += 1;
+            continue;
+        }
+        self->sent += (unsigned long long)k;
+        done += k;
+    }
+}
+
+/* TxStream._packet into the batch (sequence first, as the Python stream does). */
+static void play_packet(PlayoutObject *self, int marker, PyObject *payload, int *n) {
+    self->seq = (uint16_t)(self->seq + 1);
+    unsigned char *o = play_out[*n];
+    Py_ssize_t len = PyBytes_GET_SIZE(payload);
+    o[0] = 0x80;
+    o[1] = (unsigned char)((marker ? 0x80 : 0) | self->payload_type);
+    o[2] = (unsigned char)(self->seq >> 8);
+    o[3] = (unsigned char)self->seq;
+    o[4] = (unsigned char)(self->ts >> 24);
+    o[5] = (unsigned char)(self->ts >> 16);
+    o[6] = (unsigned char)(self->ts >> 8);
+    o[7] = (unsigned char)self->ts;
+    o[8] = (unsigned char)(self->ssrc >> 24);
+    o[9] = (unsigned char)(self->ssrc >> 16);
+    o[10] = (unsigned char)(self->ssrc >> 8);
+    o[11] = (unsigned char)self->ssrc;
+    memcpy(o + RTP_HEADER, PyBytes_AS_STRING(payload), (size_t)len);
+    int out_len = (int)(RTP_HEADER + len);
+    if (self->tx != NULL &&
+        srtp_protect(((SrtpObject *)self->tx)->session, o, &out_len) != srtp_err_status_ok) {
+        self->send_errors += 1;
+        return;
+    }
+    play_iov[*n].iov_base = o;
+    play_iov[*n].iov_len = (size_t)out_len;
+    struct msghdr *h = &play_msgs[*n].msg_hdr;
+    memset(h, 0, sizeof *h);
+    h->msg_name = &self->dest.addr;
+    h->msg_namelen = self->dest.addr_len;
+    h->msg_iov = &play_iov[*n];
+    h->msg_iovlen = 1;
+    *n += 1;
+    if (*n == BATCH) {
+        play_flush(self, *n);
+        *n = 0;
+    }
+}
+
+/* TxStream.emit: everything due by `now`; how many packets were queued. */
+static long play_emit(PlayoutObject *self, double now) {
+    if (self->stopped)
+        return 0;
+    if (now - self->due > PLAY_MAX_BEHIND) {
+        long long missed = (long long)((now - self->due) / self->period);
+        self->skipped += (unsigned long long)missed;
+        self->due += (double)missed * self->period;
+        self->ts = (uint32_t)(self->ts + (uint32_t)((unsigned long long)missed * self->ts_step));
+        self->index = (Py_ssize_t)((self->index + missed) % self->nframes);
+    }
+    int n = 0;
+    long queued = 0;
+    while (self->due <= now) {
+        PyObject *frame = PyTuple_GET_ITEM(self->frames, self->index);
+        Py_ssize_t count = PyTuple_GET_SIZE(frame);
+        for (Py_ssize_t i = 0; i < count; i++) {
+            int marker = self->video ? i == count - 1 : !self->started;
+            play_packet(self, marker, PyTuple_GET_ITEM(frame, i), &n);
+            self->started = 1;
+            queued++;
+        }
+        self->index = (self->index + 1) % self->nframes;
+        self->due += self->period;
+        self->ts = self->ts + self->ts_step;
+    }
+    if (n)
+        play_flush(self, n);
+    return queued;
+}
+
+static PyObject *Playout_emit(PlayoutObject *self, PyObject *arg) {
+    double now = PyFloat_AsDouble(arg);
+    if (now == -1.0 && PyErr_Occurred())
+        return NULL;
+    return PyLong_FromLong(play_emit(self, now));
+}
+
+static int is_keyframe(PlayoutObject *self, Py_ssize_t index) {
+    for (Py_ssize_t i = 0; i < self->nkeyframes; i++)
+        if (self->keyframes[i] == index)
+            return 1;
+    return 0;
+}
+
+/* TxVideo.keyframe_request: the next frame sent is the loop's next keyframe. */
+static PyObject *Playout_keyframe_request(PlayoutObject *self, PyObject *arg) {
+    double now = PyFloat_AsDouble(arg);
+    if (now == -1.0 && PyErr_Occurred())
+        return NULL;
+    if (self->nkeyframes == 0 || is_keyframe(self, self->index) ||
+        now - self->last_jump < PLAY_KEYFRAME_JUMP)
+        Py_RETURN_NONE;
+    self->last_jump = now;
+    self->keyframe_jumps += 1;
+    Py_ssize_t next = self->keyframes[0];
+    for (Py_ssize_t i = 0; i < self->nkeyframes; i++)
+        if (self->keyframes[i] > self->index) {
+            next = self->keyframes[i];
+            break;
+        }
+    self->index = next;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Playout_stop(PlayoutObject *self, PyObject *unused) {
+    self->stopped = 1;  /* the socket may close next: never send from it again */
+    Py_RETURN_NONE;
+}
+
+/* emit_all(playouts, now): every Playout of the list, one call from the pacer's tick. */
+static PyObject *play_emit_all(PyObject *module, PyObject *args) {
+    PyObject *list;
+    double now;
+    if (!PyArg_ParseTuple(args, "O!d", &PyList_Type, &list, &now))
+        return NULL;
+    long total = 0;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(list); i++) {
+        PyObject *item = PyList_GET_ITEM(list, i);
+        if (!PyObject_TypeCheck(item, &PlayoutType)) {
+            PyErr_SetString(PyExc_TypeError, "emit_all takes a list of Playout");
+            return NULL;
+        }
+        total += play_emit((PlayoutObject *)item, now);
+    }
+    return PyLong_FromLong(total);
+}
+
+static PyObject *Playout_get_ssrc(PlayoutObject *self, void *unused) {
+    return PyLong_FromUnsignedLong(self->ssrc);
+}
+
+static PyObject *Playout_get_seq(PlayoutObject *self, void *unused) {
+    return PyLong_FromLong(self->seq);
+}
+
+static PyObject *Playout_get_ts(PlayoutObject *self, void *unused) {
+    return PyLong_FromUnsignedLong(self->ts);
+}
+
+static PyObject *Playout_get_due(PlayoutObject *self, void *unused) {
+    return PyFloat_FromDouble(self->due);
+}
+
+static PyGetSetDef Playout_getset[] = {
+    {"ssrc", (getter)Playout_get_ssrc, NULL, "our SSRC", NULL},
+    {"seq", (getter)Playout_get_seq, NULL, "the last sequence number sent", NULL},
+    {"ts", (getter)Playout_get_ts, NULL, "the next frame's timestamp", NULL},
+    {"due", (getter)Playout_get_due, NULL, "when the next frame is due (monotonic)", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyMemberDef Playout_members[] = {
+    {"sent", T_ULONGLONG, offsetof(PlayoutObject, sent), READONLY, "packets sent"},
+    {"skipped", T_ULONGLONG, offsetof(PlayoutObject, skipped), READONLY,
+     "periods dropped because the generator fell behind"},
+    {"keyframe_jumps", T_ULONGLONG, offsetof(PlayoutObject, keyframe_jumps), READONLY,
+     "keyframe requests answered by jumping to the next keyframe"},
+    {"send_errors", T_ULONGLONG, offsetof(PlayoutObject, send_errors), READONLY,
+     "packets the socket refused or SRTP could not protect"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyMethodDef Playout_methods[] = {
+    {"emit", (PyCFunction)Playout_emit, METH_O, "emit(now): send what is due; how many."},
+    {"keyframe_request", (PyCFunction)Playout_keyframe_request, METH_O,
+     "keyframe_request(now): a PLI: jump to the next keyframe (at most twice a second)."},
+    {"stop", (PyCFunction)Playout_stop, METH_NOARGS, "send nothing more"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject PlayoutType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "appliance.native._packetloop.Playout",
+    .tp_doc = "Playout(tx, fd, host, port, ssrc, payload_type, frames, keyframes, period, "
+              "ts_step, start, seq, ts, index=0, video=False): pre-encoded RTP, paced.",
+    .tp_basicsize = sizeof(PlayoutObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Playout_init,
+    .tp_dealloc = (destructor)Playout_dealloc,
+    .tp_methods = Playout_methods,
+    .tp_members = Playout_members,
+    .tp_getset = Playout_getset,
+};
+
 /* -- the module ---------------------------------------------------------------------- */
+
+static PyMethodDef module_functions[] = {
+    {"emit_all", play_emit_all, METH_VARARGS,
+     "emit_all(playouts, now): Playout.emit(now) for each of a list; packets queued."},
+    {NULL, NULL, 0, NULL},
+};
 
 static struct PyModuleDef packetloop_module = {
     PyModuleDef_HEAD_INIT, "appliance.native._packetloop",
-    "The worker's native packet path: SRTP (libsrtp2), the relay's rewrite.", -1, NULL, NULL, NULL, NULL, NULL,
+    "The worker's native packet path: SRTP (libsrtp2), the relay's rewrite.", -1,
+    module_functions, NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC PyInit__packetloop(void) {
@@ -1576,7 +1976,8 @@ PyMODINIT_FUNC PyInit__packetloop(void) {
         return NULL;
     }
     if (PyType_Ready(&SrtpType) < 0 || PyType_Ready(&RewriterType) < 0 ||
-        PyType_Ready(&MeterType) < 0 || PyType_Ready(&PortLoopType) < 0)
+        PyType_Ready(&MeterType) < 0 || PyType_Ready(&PortLoopType) < 0 ||
+        PyType_Ready(&PlayoutType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&packetloop_module);
     if (m == NULL)
@@ -1587,7 +1988,8 @@ PyMODINIT_FUNC PyInit__packetloop(void) {
         PyModule_AddObjectRef(m, "Srtp", (PyObject *)&SrtpType) < 0 ||
         PyModule_AddObjectRef(m, "Rewriter", (PyObject *)&RewriterType) < 0 ||
         PyModule_AddObjectRef(m, "Meter", (PyObject *)&MeterType) < 0 ||
-        PyModule_AddObjectRef(m, "PortLoop", (PyObject *)&PortLoopType) < 0) {
+        PyModule_AddObjectRef(m, "PortLoop", (PyObject *)&PortLoopType) < 0 ||
+        PyModule_AddObjectRef(m, "Playout", (PyObject *)&PlayoutType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

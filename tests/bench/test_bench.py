@@ -182,6 +182,10 @@ def test_short_bench_run_reports_real_figures(tmp_path: Path) -> None:
     assert tcp["calls_placed"] == {"udp": 2, "tcp": 2}
     assert tcp["udp_cpu_per_call_net"] > 0 and tcp["tcp_cpu_per_call_net"] > 0
     assert tcp["offer_to_dtls_p50_ms"]["tcp"] > 0 and tcp["offer_to_dtls_p50_ms"]["udp"] > 0
+    # The callers' media on the native loop over UDP; ICE-TCP legs send from Python.
+    udp_path = ["native"] if native.AVAILABLE else ["python"]
+    assert report["phases"]["packet"]["steps"][-1]["generator"]["media_path"] == udp_path
+    assert report["phases"]["packet-tcp"]["steps"][-1]["generator"]["media_path"] == ["python"]
     for key, connections in (("packet", 0), ("packet-tcp", 4)):  # 2 calls of 2 legs
         steps = report["phases"][key]["steps"]
         assert all(s["worker"]["decoders_created"] == 0 for s in steps)
