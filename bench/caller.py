@@ -225,6 +225,18 @@ class Leg:
         for track in self.tracks:
             track.stop()
 
+    def diagnosis(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"path": "native" if self.native is not None else "python",
+                               "sent": [t.sent for t in self.tx],
+                               "fast_received": self.fast.received if self.fast else 0,
+                               "keyframe_requests": self.keyframe_requests,
+                               "other_packets": self.other_packets}
+        if self.native is not None:
+            stats = self.native.loop.stats()
+            out["socket"] = {k: stats[k] for k in ("datagrams", "routed_in", "handed_up",
+                                                    "unprotect_failed")}
+        return out
+
     @property
     def unprotect_errors(self) -> int:
         errors = self.fast.unprotect_errors if self.fast is not None else 0
@@ -285,6 +297,8 @@ class SimCall:
             "nacks": sum(leg.nacks for leg in legs),
             "other_packets": sum(leg.other_packets for leg in legs),
             "unprotect_errors": sum(leg.unprotect_errors for leg in legs),
+            # What each leg's socket saw, for a call whose stream received nothing.
+            "legs": [leg.diagnosis() for leg in legs],
         }
 
 

@@ -106,6 +106,18 @@ def summarize_setup(results: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def setup_burst(results: list[dict[str, Any]], seconds: float, concurrency: int,
+                workers: int, lag_p99_ms: list[float]) -> dict[str, Any]:
+    """How fast a step's new calls were set up (ICE + DTLS of both legs + SIP, the desk
+    phone's ringing included), and the worker's loop lag meanwhile."""
+    ok = sum(1 for r in results if r["state"] == "up")
+    per_s = ok / seconds if seconds > 0 and results else 0.0
+    return {"calls": ok, "failed": len(results) - ok, "seconds": round(seconds, 2),
+            "per_s": round(per_s, 2), "per_s_per_worker": round(per_s / max(1, workers), 2),
+            "concurrency": concurrency,
+            "lag_p99_ms_max": round(max(lag_p99_ms), 1) if lag_p99_ms else 0.0}
+
+
 def step_figures(a: dict[str, Any], b: dict[str, Any], calls_target: int,
                  idle: dict[str, Any], gen_cores: list[int], worker_cores: list[int],
                  setup_results: list[dict[str, Any]], lag_p99_seen: list[float]
@@ -177,7 +189,7 @@ def step_figures(a: dict[str, Any], b: dict[str, Any], calls_target: int,
     for i in sorted(silent):
         if calls_b[i]["state"] == "up":
             failures.append({"call": i, "channels": calls_b[i].get("channels"),
-                             "when": "hold",
+                             "legs": calls_b[i].get("legs"), "when": "hold",
                              "why": f"received nothing: {', '.join(silent[i])}"})
 
     # -- the appliance ------------------------------------------------------------------

@@ -80,6 +80,14 @@ def write_summary(result: dict[str, Any], path: Path) -> None:
                 f"{100 * w['cpu_per_call']:.2f} % of a core per call "
                 f"({100 * w['cpu_per_call_net']:.2f} % net of idle), memory "
                 f"{w['memory_per_call_bytes'] / 1024:.0f} KiB per call")
+        bursts = [s["setup_burst"] for s in phase["steps"] if s.get("setup_burst", {}).get("calls")]
+        if bursts:
+            best = max(bursts, key=lambda b: b["per_s_per_worker"])
+            lines.append(
+                f"- Setup: up to {best['per_s_per_worker']:.1f} calls/s per worker core "
+                f"({best['calls']} calls in {best['seconds']:.1f} s, {best['concurrency']} at "
+                f"once, the desk phone ringing 1.5 s each; loop lag p99 up to "
+                f"{best['lag_p99_ms_max']:.0f} ms meanwhile)")
         flagged = [f"{s['calls']} calls: " + "; ".join(s["verdict"]["warnings"])
                    for s in phase["steps"] if s["verdict"].get("warnings")]
         if flagged:

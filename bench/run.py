@@ -13,6 +13,7 @@ load does not steal the worker's core. Calls of earlier steps stay up as a step 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import json
 import logging
@@ -228,6 +229,15 @@ class Bench:
                                              self.gen_cores))
         return list(await asyncio.gather(*starts))
 
+    @staticmethod
+    async def sample_lag(aut: ApplianceUnderTest, into: list[float]) -> None:
+        """The workers' loop-lag p99 every half second, until cancelled."""
+        while True:
+            await asyncio.sleep(0.5)
+            with contextlib.suppress(Exception):  # the status page is busy: next time
+                status = await aut.status_async()
+                into.append(max(w["loop_lag_p99_ms"] for w in status["workers"]))
+
     async def idle(self, procs: measure.Processes, aut: ApplianceUnderTest) -> dict[str, Any]:
         await asyncio.sleep(1.0)
         cpu0 = {i: system.cpu_seconds([p]) for i, p in procs.workers.items()}
@@ -249,16 +259,28 @@ class Bench:
         say(f"-- step {number}: {target} call(s) ({len(new)} new)")
         t = time.monotonic()
         setup: list[dict[str, Any]] = []
+        lag_in_setup: list[float] = []
         if new:
+            # The worker's loop lag while it sets calls up: DTLS handshakes must not stall
+            # the relaying of the calls already up.
+            sampler = asyncio.create_task(self.sample_lag(aut, lag_in_setup))
             batches = [new[k::len(callers)] for k in range(len(callers))]
-            replies = await asyncio.gather(*(
-                c.request("add", indexes=batch) for c, batch in zip(callers, batches, strict=True)
-                if batch))
+            try:
+                replies = await asyncio.gather(*(
+                    c.request("add", indexes=batch)
+                    for c, batch in zip(callers, batches, strict=True) if batch))
+            finally:
+                sampler.cancel()
             setup = [r for reply in replies for r in reply["results"]]
             setups.extend({"step": target, **r["setup_ms"]} for r in setup
                           if r["state"] == "up")
+        setup_s = time.monotonic() - t
         failed_setup = [r for r in setup if r["state"] != "up"]
-        say(f"   set up in {time.monotonic() - t:.1f} s"
+        burst = measure.setup_burst(setup, setup_s, o.setup_concurrency, o.workers,
+                                    lag_in_setup)
+        say(f"   set up in {setup_s:.1f} s"
+            + (f" ({burst['per_s']:.1f} calls/s, lag p99 up to "
+               f"{burst['lag_p99_ms_max']:.0f} ms)" if new else "")
             + (f", {len(failed_setup)} FAILED: {failed_setup[0]['failure']}"
                if failed_setup else ""))
         await asyncio.sleep(o.settle)
@@ -279,6 +301,7 @@ class Bench:
         b = await measure.take(procs, aut)
         step = measure.step_figures(a, b, target, idle, self.gen_cores, self.worker_cores,
                                     setup, lag_seen)
+        step["setup_burst"] = burst
         step["verdict"] = analysis.judge_step(step, o.workers, o.criteria, self.cores_shared)
         v = step["verdict"]
         say("   " + progress_line(step, step["seconds"], o.hold) + "  =>  "

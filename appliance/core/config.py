@@ -34,7 +34,11 @@ class SignallingConfig(msgspec.Struct, forbid_unknown_fields=True):
 
 class WorkersConfig(msgspec.Struct, forbid_unknown_fields=True):
     count: int = 0  # 0: one media worker per CPU core this process may run on
-    channels_per_worker: int = 50
+    # An upper bound; the load admits (a worker whose loop lags gets no new calls: admin.
+    # degraded_lag_ms). 300 channels = 150 full calls (customer + agent): the bench observed
+    # 160 full calls per worker core on a 2-core EPYC VM with the native loop (2026-12-02,
+    # docs/capacity.md); each call also takes 2 RTP ports of sip.rtp_port_min..max.
+    channels_per_worker: int = 300
     restart_delay: float = 0.2  # seconds before a dead worker is started again
     # A dead worker's desk-phone dialogs get BYE from its replacement (same SIP port); if
     # none is up after this many seconds, the supervisor sends those BYEs itself.
