@@ -47,6 +47,7 @@ system-deps:
 	command -v ffprobe >/dev/null || missing="$$missing ffmpeg"; \
 	command -v ip >/dev/null || missing="$$missing iproute2"; \
 	command -v turnserver >/dev/null || missing="$$missing coturn"; \
+	command -v janus >/dev/null || missing="$$missing janus"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:$$missing"; \
 		SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
@@ -54,6 +55,8 @@ system-deps:
 		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing && \
 		case "$$missing" in *coturn*) \
 			$$SUDO systemctl disable --now coturn >/dev/null 2>&1 || true;; esac; \
+		case "$$missing" in *janus*) \
+			$$SUDO systemctl disable --now janus >/dev/null 2>&1 || true;; esac; \
 	fi
 
 run: venv

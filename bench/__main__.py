@@ -67,6 +67,9 @@ def parser() -> argparse.ArgumentParser:
                      help="the callers' ICE transport, one phase of ours each: udp, tcp "
                           "(every leg over ICE-TCP, RFC 6544) or udp,tcp to compare them in "
                           "one run (default udp; the baseline runs over UDP)")
+    run.add_argument("--no-janus", action="store_true",
+                     help="skip the Janus phase (run by default when Debian's janus is "
+                          "installed: the same calls on Janus 1.1.2, ours / Janus per core)")
     run.add_argument("--generator", choices=("native", "python"), default="native",
                      help="how the callers send and count media: native (the native loop, "
                           "where it is built; ICE-TCP legs stay Python) or python")
@@ -114,6 +117,7 @@ def main(argv: list[str] | None = None) -> None:
         results_dir=args.results_dir, cache_dir=args.cache_dir, address=args.address,
         audio=args.audio,
         record=args.record, transports=args.transports, generator=args.generator,
+        janus=not args.no_janus,
         setup_concurrency=args.setup_concurrency, setup_timeout=args.setup_timeout,
         stop_after_failures=args.stop_after_failures,
         criteria=criteria,

@@ -38,8 +38,8 @@ def judge_step(step: dict[str, Any], workers: int, criteria: Criteria,
         reasons.append("no media measured")
     elif loss >= criteria.max_loss_pct:
         reasons.append(f"loss {loss:.2f} % >= {criteria.max_loss_pct} %")
-    lag = step["worker"]["loop_lag_p99_ms"]
-    if lag >= criteria.max_lag_p99_ms:
+    lag = step["worker"]["loop_lag_p99_ms"]  # None: no event loop (Janus)
+    if lag is not None and lag >= criteria.max_lag_p99_ms:
         reasons.append(f"loop lag p99 {lag:.1f} ms >= {criteria.max_lag_p99_ms} ms")
     if step["failed_calls"]:
         reasons.append(f"{step['failed_calls']} call(s) failed")
@@ -48,7 +48,7 @@ def judge_step(step: dict[str, Any], workers: int, criteria: Criteria,
     worker_cores = step["worker"]["cores"]
     if worker_cores >= criteria.saturated_cores * workers:
         appliance_signs.append(f"worker CPU {worker_cores:.2f} of {workers} core(s)")
-    if lag >= criteria.max_lag_p99_ms:
+    if lag is not None and lag >= criteria.max_lag_p99_ms:
         appliance_signs.append(f"worker loop lag p99 {lag:.1f} ms")
     if step["udp_drops"].get("worker", 0) > 0:
         appliance_signs.append(f"{step['udp_drops']['worker']} datagrams dropped on the "
@@ -251,6 +251,8 @@ def compare_phases(result: dict[str, Any]) -> None:
     phases = result["phases"]
     if "packet" in phases and "aiortc" in phases:
         result["comparison"] = comparison(phases["packet"], phases["aiortc"])
+    if "packet" in phases and "janus" in phases:  # the C reference, on the same work
+        result["janus_comparison"] = comparison(phases["packet"], phases["janus"])
     if "packet" in phases and "packet-tcp" in phases:
         result["transport_comparison"] = transport_comparison(phases["packet"],
                                                               phases["packet-tcp"])

@@ -250,13 +250,18 @@ class SimCall:
     failure: str | None = None
     user: Leg | None = None
     agent: Leg | None = None
+    # On Janus (bench.janus_calls) the voice is a leg of its own: the SIP plugin's call.
+    voice: Leg | None = None
     setup_ms: dict[str, float] = field(default_factory=dict)
+
+    def legs(self) -> list[Leg]:
+        return [leg for leg in (self.user, self.agent, self.voice) if leg is not None]
 
     def check(self) -> None:
         """A call the appliance released while it was up has failed."""
         if self.state != "up":
             return
-        for name, leg in (("user", self.user), ("agent", self.agent)):
+        for name, leg in (("user", self.user), ("agent", self.agent), ("voice", self.voice)):
             if leg is not None and leg.call.ended:
                 release = leg.call.release
                 cause = f"{release.cause} {release.causestring}" if release else "?"
@@ -267,24 +272,24 @@ class SimCall:
         if self.state in ("setup", "up"):
             self.state = "failed"
             self.failure = reason
-            for leg in (self.user, self.agent):
-                if leg is not None:
-                    leg.stop_sending()
+            for leg in self.legs():
+                leg.stop_sending()
 
     def streams(self) -> dict[str, RxStream | None]:
+        audio_leg = self.voice or self.user
         return {
-            "user_audio": self.user.rx_by_kind.get("audio") if self.user else None,
+            "user_audio": audio_leg.rx_by_kind.get("audio") if audio_leg else None,
             "user_video": self.user.rx_by_kind.get("video") if self.user else None,
             "agent_video": self.agent.rx_by_kind.get("video") if self.agent else None,
         }
 
     def snapshot(self) -> dict[str, Any]:
         self.check()
-        legs = [leg for leg in (self.user, self.agent) if leg is not None]
+        legs = self.legs()
         return {
             "i": self.index,
             # The appliance's channels of the two legs: what its log names the call by.
-            "channels": [leg.call.channel for leg in (self.user, self.agent) if leg is not None],
+            "channels": [leg.call.channel for leg in legs],
             "state": self.state,
             "failure": self.failure,
             "rx": {k: (s.snapshot() if s is not None else None)
@@ -328,10 +333,17 @@ class CallerHost:
         self._agents: MediaServerClient | None = None
         self._setup_slots = asyncio.Semaphore(args.setup_concurrency)
         self._db: sqlite3.Connection | None = None
+        self._janus: Any = None  # bench.janus.JanusSession in the Janus phase
         # The offer's `protocol`: None leaves it out (UDP, the default).
         self._transport: str | None = "TCP" if args.transport == "TCP" else None
 
     async def start(self) -> None:
+        if self.args.janus_url:  # the Janus phase: no appliance, no AP-S
+            from bench import janus
+
+            self._janus = await janus.JanusSession.create(self.args.janus_url)
+            self.pacer.start()
+            return
         addresses = (self.args.address,)
         # Two WebSockets, as the customer's phone and the agent's PC are two browsers.
         self._users = await MediaServerClient.connect(self.args.url, host_addresses=addresses)
@@ -357,7 +369,32 @@ class CallerHost:
                 sim.fail(_describe(exc))
                 log.warning("call %d failed during setup: %s", sim.index, sim.failure)
 
+    async def _place_on_janus(self, sim: SimCall) -> None:
+        """bench.janus_calls' full call: the customer's and the agent's camera each on an
+        echotest handle, the voice on a SIP-plugin call to the desk phone."""
+        from bench.janus_calls import JanusLegCall
+
+        native_media = self.generator == "native"
+        offered = time.monotonic()
+        legs = []
+        for kinds in (("video",), ("video",), ("audio",)):
+            call = JanusLegCall(self._janus, self.args.address, kinds)
+            legs.append((call, Leg(call, call.tracks, kinds, self.media, self.pacer,  # type: ignore[arg-type]
+                                   self.rng, native_media)))
+        sim.user, sim.agent, sim.voice = (leg for _, leg in legs)
+        await legs[0][0].echotest()
+        await legs[1][0].echotest()
+        await legs[2][0].sip(f"sip:{CALLEE}@{self.args.desk}",
+                             f"sip:{CALLER}@{self.args.address}")
+        sim.setup_ms["sip_answer"] = (time.monotonic() - offered) * 1000
+        for _, leg in legs:
+            await asyncio.wait_for(leg.connected.wait(), 10)
+        sim.setup_ms["total"] = (time.monotonic() - offered) * 1000
+
     async def _place(self, sim: SimCall) -> None:
+        if self.args.janus_url:
+            await self._place_on_janus(sim)
+            return
         assert self._users is not None and self._agents is not None
         userdata = json.dumps({"id": f"{self.args.identity_prefix}{sim.index:06d}"})
         tracks = [SilentTrack("audio"), SilentTrack("video")]
@@ -423,8 +460,8 @@ class CallerHost:
             "streams_sending": self.pacer.sending,
             # How the legs that are up send and count: "native" and/or "python".
             "generator": sorted({"native" if leg.native is not None else "python"
-                                 for c in self.calls.values() for leg in (c.user, c.agent)
-                                 if leg is not None and leg.fast is not None}),
+                                 for c in self.calls.values() for leg in c.legs()
+                                 if leg.fast is not None}),
         }
 
     async def stop(self) -> None:
@@ -432,11 +469,14 @@ class CallerHost:
         for sim in self.calls.values():
             if sim.state == "up":
                 sim.state = "ended"
-        legs = [leg for sim in self.calls.values() for leg in (sim.agent, sim.user) if leg]
+        legs = [leg for sim in self.calls.values() for leg in sim.legs()]
         for leg in legs:
             leg.stop_sending()
         # Hang up the customers; the appliance then releases their agents' legs too.
         await asyncio.gather(*(leg.close() for leg in legs), return_exceptions=True)
+        if self._janus is not None:
+            with contextlib.suppress(Exception):
+                await self._janus.close()
         for client in (self._users, self._agents):
             if client is not None:
                 with contextlib.suppress(Exception):
@@ -494,6 +534,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--setup-concurrency", type=int, default=8)
     parser.add_argument("--setup-timeout", type=float, default=45.0)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--janus-url", default="",
+                        help="place the calls on Janus at this HTTP API URL instead "
+                             "(bench.janus_calls)")
+    parser.add_argument("--desk", default="", help="the desk phone's host:port (Janus phase)")
     parser.add_argument("--generator", choices=("native", "python"), default="native",
                         help="native: the legs' media on the native loop where it is built "
                              "(bench.native_leg); python: the Python streams")

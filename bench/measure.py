@@ -42,7 +42,7 @@ class Processes:
     def groups(self) -> dict[str, list[int]]:
         return {
             "worker": list(self.workers.values()),
-            "supervisor": [self.supervisor],
+            "supervisor": [self.supervisor] if self.supervisor > 0 else [],
             "generator": [c.pid for c in self.callers],
             "sipp": [self.desk.pid],
             "runner": [self.runner],
@@ -74,6 +74,11 @@ async def take(procs: Processes, appliance: ApplianceUnderTest,
         "udp_rcvbuf_errors": system.udp_receive_errors(),
         "rss": {str(i): _rss(pid) for i, pid in procs.workers.items()},
     }
+
+
+def _total(workers: Any, key: str) -> int | None:
+    values = [w[key] for w in workers if w.get(key) is not None]
+    return sum(values) if values else None
 
 
 def _rss(pid: int) -> int:
@@ -195,8 +200,13 @@ def step_figures(a: dict[str, Any], b: dict[str, Any], calls_target: int,
     # -- the appliance ------------------------------------------------------------------
     status_workers = {str(w["index"]): w for w in b["status"]["workers"]}
     rss_delta = sum(b["rss"][k] - idle["rss"].get(k, 0) for k in b["rss"])
-    lag_p99 = max((w["loop_lag_p99_ms"] for w in status_workers.values()), default=0.0)
-    lag_p50 = max((w["loop_lag_p50_ms"] for w in status_workers.values()), default=0.0)
+    # None when the relay under test has no event loop to lag (Janus: threads in C).
+    lags99 = [w["loop_lag_p99_ms"] for w in status_workers.values()
+              if w.get("loop_lag_p99_ms") is not None]
+    lags50 = [w["loop_lag_p50_ms"] for w in status_workers.values()
+              if w.get("loop_lag_p50_ms") is not None]
+    lag_p99 = max(lags99) if lags99 else None
+    lag_p50 = max(lags50) if lags50 else None
     calls_up = len(up)
     per_call = calls_up or calls_target
 
@@ -234,9 +244,10 @@ def step_figures(a: dict[str, Any], b: dict[str, Any], calls_target: int,
             "loop_lag_p50_ms": lag_p50,
             "loop_lag_p99_ms": lag_p99,
             "loop_lag_p99_ms_max_seen": max(lag_p99_seen, default=lag_p99),
-            "packets_received": sum(w["packets_received"] for w in status_workers.values()),
-            "packets_sent": sum(w["packets_sent"] for w in status_workers.values()),
-            "decoders_created": sum(w["decoders_created"] for w in status_workers.values()),
+            # None where the relay under test does not count them (Janus).
+            "packets_received": _total(status_workers.values(), "packets_received"),
+            "packets_sent": _total(status_workers.values(), "packets_sent"),
+            "decoders_created": _total(status_workers.values(), "decoders_created"),
             # The media port's counters since the worker started: which transport the
             # calls really used, and frames the TCP writers dropped (a slow reader).
             "ice_tcp_connections": sum(w.get("ice_tcp_connections", 0)

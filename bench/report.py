@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-COLOURS = {"packet": "#1f77b4", "packet-tcp": "#2ca02c", "aiortc": "#d62728"}
+COLOURS = {"packet": "#1f77b4", "packet-tcp": "#2ca02c", "aiortc": "#d62728",
+           "janus": "#9467bd"}
 NOISE_CORES = 0.1  # other processes' use of our cores above which the summary warns
 
 
@@ -75,8 +76,10 @@ def write_summary(result: dict[str, Any], path: Path) -> None:
         if step is not None:
             w = step["worker"]
             lines.append(
-                f"- At {step['calls']} calls: loss {_pct(step['loss_pct'])}, loop lag p50/p99 "
-                f"{w['loop_lag_p50_ms']:.1f}/{w['loop_lag_p99_ms']:.1f} ms, worker CPU "
+                f"- At {step['calls']} calls: loss {_pct(step['loss_pct'])}, "
+                + (f"loop lag p50/p99 {w['loop_lag_p50_ms']:.1f}/{w['loop_lag_p99_ms']:.1f} ms, "
+                   if w["loop_lag_p99_ms"] is not None else "")
+                + "worker CPU "
                 f"{100 * w['cpu_per_call']:.2f} % of a core per call "
                 f"({100 * w['cpu_per_call_net']:.2f} % net of idle), memory "
                 f"{w['memory_per_call_bytes'] / 1024:.0f} KiB per call")
@@ -114,6 +117,26 @@ def write_summary(result: dict[str, Any], path: Path) -> None:
             + (f"; {comp['cpu_per_call_ratio_at_capacity']}x when each runs at its capacity "
                f"step ({comp['capacity_steps'][0]} vs {comp['capacity_steps'][1]} calls)"
                if comp.get("cpu_per_call_ratio_at_capacity") else ""),
+            "",
+        ]
+    jc = result.get("janus_comparison")
+    if jc:
+        lines += [
+            "## Ours against Janus 1.1.2",
+            "",
+            "- Capacity per core: "
+            + (f"ours / Janus = **{jc['capacity_ratio']}x**" if jc["capacity_ratio"] is not None
+               else "Janus passed no step")
+            + (f" (from CPU per call alone: {jc['extrapolated_capacity_ratio']}x)"
+               if jc["extrapolated_capacity_ratio"] is not None else ""),
+            f"- Worker CPU per call: Janus needs {jc['cpu_per_call_ratio']}x ours "
+            f"({100 * jc['baseline_cpu_per_call_net']:.2f} % vs "
+            f"{100 * jc['ours_cpu_per_call_net']:.2f} % of a core"
+            + (f", both at {jc['cpu_compared_at_calls']} calls)"
+               if jc["cpu_compared_at_calls"] else ", at each one's first step)"),
+            "- Janus's full call: two echotest VP8 streams + one SIP-plugin PCMU call to the "
+            "same desk phone, the same media from the same callers; Janus runs pinned to the "
+            "worker core(s) with its default threads (one per handle).",
             "",
         ]
     tcp = result.get("transport_comparison")
@@ -191,7 +214,7 @@ def _steps_table(phase: dict[str, Any]) -> str:
         gen = f"{g['cores']:.2f} cores" + (" SATURATED" if v["generator_saturated"] else "")
         rows.append(
             f"| {s['calls']} | {w['cores']:.3f} | {100 * w['cpu_per_call']:.2f} % | "
-            f"{_pct(s['loss_pct'])} | {jitter} | {fps} | {w['loop_lag_p99_ms']:.1f} | "
+            f"{_pct(s['loss_pct'])} | {jitter} | {fps} | {num(w['loop_lag_p99_ms'])} | "
             f"{setups} | {s['failed_calls']} | {gen} | "
             f"{'pass' if v['pass'] else 'FAIL'} |")
     return "\n".join(rows)
@@ -217,7 +240,8 @@ def write_plot(result: dict[str, Any], path: Path) -> None:
         series = (
             (cpu_ax, [100 * s["worker"]["cpu_per_call"] for s in steps]),
             (loss_ax, [s["loss_pct"] or 0.0 for s in steps]),
-            (lag_ax, [s["worker"]["loop_lag_p99_ms"] for s in steps]),
+            (lag_ax, [float("nan") if s["worker"]["loop_lag_p99_ms"] is None
+                      else s["worker"]["loop_lag_p99_ms"] for s in steps]),
         )
         passed = [s["verdict"]["pass"] for s in steps]
         for ax, values in series:
@@ -263,8 +287,13 @@ def write_plot(result: dict[str, Any], path: Path) -> None:
     cpu_ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     loss_ax.set_ylim(bottom=0, top=max(loss_ax.get_ylim()[1], 1.5 * criteria["max_loss_pct"]))
     lag_ax.set_ylim(bottom=0)
+    jc = result.get("janus_comparison")
+    versus = ""
+    if jc and (jc["capacity_ratio"] or jc["extrapolated_capacity_ratio"]):
+        ratio = jc["capacity_ratio"] or jc["extrapolated_capacity_ratio"]
+        versus = f"; ours / Janus per core {ratio}x" + ("" if jc["capacity_ratio"] else " (by CPU)")
     fig.suptitle(f"Capacity bench {result['started']} — {result['machine']['cpu_model']}, "
-                 f"{result['options']['workers']} worker(s); dotted: capacity step; "
+                 f"{result['options']['workers']} worker(s){versus}; dotted: capacity step; "
                  "hollow: failed step")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -29,13 +29,14 @@ from bench import analysis, measure, report, system
 from bench.control import ChildProcess
 from bench.desk import DeskPhones, start_desk_phones
 from bench.media_cache import load_or_make_clip, load_or_make_opus, load_or_make_pcmu
-from bench.stack import ApplianceUnderTest, start_appliance
+from bench.stack import ApplianceUnderTest, JanusUnderTest, start_appliance
 from reference_aps.server import serve as serve_aps
 from tests.e2e.conftest import free_udp_ports
 
 log = logging.getLogger("bench.run")
 
-RELAYS = {"packet": "ours (packet relay)", "aiortc": "baseline (aiortc decode + re-encode)"}
+RELAYS = {"packet": "ours (packet relay)", "aiortc": "baseline (aiortc decode + re-encode)",
+          "janus": "Janus (echotest x2 + SIP plugin, the C reference)"}
 TRANSPORTS = ("udp", "tcp")  # what the callers' ICE uses: UDP, or ICE-TCP (RFC 6544)
 # Doubling at first, then finer where a Python worker core is expected to run out.
 DEFAULT_STEPS = (1, 2, 4, 8, 16, 24, 32, 40, 48, 64, 96, 128)
@@ -59,6 +60,7 @@ class Options:
     # Our relay is measured once per transport; the baseline over UDP only.
     transports: tuple[str, ...] = ("udp",)
     generator: str = "native"  # the callers' media: "native" (bench.native_leg) or "python"
+    janus: bool = True  # a Janus phase when Debian's janus is installed (bench.janus)
     setup_concurrency: int = 8
     setup_timeout: float = 45.0
     stop_after_failures: int = 2  # one step past the limit shows the cliff on the plot
@@ -114,6 +116,12 @@ class Bench:
         self.aps_url = f"http://{host}:{port}"
         plan = [("packet", t) for t in o.transports] + ([("aiortc", "udp")] if o.baseline
                                                          else [])
+        from bench import janus
+
+        if o.janus and janus.INSTALLED:
+            plan.append(("janus", "udp"))
+        elif o.janus:
+            say(f"bench: no Janus phase: {janus.WHY_NOT}")
         self.desk = await start_desk_phones(
             self.out / "sipp", calls=len(plan) * max(o.steps) + 16,
             media_port=free_udp_ports(4), cores=self.gen_cores)
@@ -152,11 +160,17 @@ class Bench:
         assert self.desk is not None
         key = phase_key(relay, transport)
         name = RELAYS[relay] + (" over ICE-TCP" if transport == "tcp" else "")
-        say(f"\n== {name}: starting the appliance ({o.workers} worker(s), media.relay="
-            f"{relay!r}, callers over {transport.upper()})")
         workdir = self.out / key
-        aut = await start_appliance(relay, workdir / "appliance", o.workers, max(o.steps),
-                                    self.aps_url, self.desk.address, o.address, self.cores)
+        aut: ApplianceUnderTest | JanusUnderTest
+        if relay == "janus":
+            say(f"\n== {name}: starting Janus on core(s) {self.worker_cores}")
+            aut = await JanusUnderTest.start(workdir / "janus", self.worker_cores)
+        else:
+            say(f"\n== {name}: starting the appliance ({o.workers} worker(s), media.relay="
+                f"{relay!r}, callers over {transport.upper()})")
+            aut = await start_appliance(relay, workdir / "appliance", o.workers, max(o.steps),
+                                        self.aps_url, self.desk.address, o.address,
+                                        self.cores)
         callers: list[ChildProcess] = []
         steps: list[dict[str, Any]] = []
         setups: list[dict[str, Any]] = []  # every call's setup times, over all steps
@@ -168,7 +182,7 @@ class Bench:
             if actual != self.worker_cores:
                 say(f"  note: the supervisor pinned workers to {actual}, "
                     f"expected {self.worker_cores}")
-            if not self.cores_shared:
+            if not self.cores_shared and relay != "janus":
                 system.pin_process(aut.pid, self.gen_cores)  # the supervisor, not its workers
             callers = await self.start_callers(aut, key, transport, workdir)
             procs = measure.Processes(workers, aut.pid, callers, self.desk)
@@ -210,13 +224,16 @@ class Bench:
             else "",
         }
 
-    async def start_callers(self, aut: ApplianceUnderTest, key: str, transport: str,
+    async def start_callers(self, aut: ApplianceUnderTest | JanusUnderTest, key: str,
+                            transport: str,
                             workdir: Path) -> list[ChildProcess]:
         o = self.o
         per = max(1, math.ceil(o.setup_concurrency / self.callers))
         starts = []
         for k in range(self.callers):
-            argv = [sys.executable, "-m", "bench.caller", "--url", aut.url,
+            janus = ["--janus-url", aut.url, "--desk", self.desk.address] \
+                if isinstance(aut, JanusUnderTest) and self.desk is not None else []
+            argv = [sys.executable, "-m", "bench.caller", "--url", aut.url, *janus,
                     "--aps-db", str(self.aps_db), "--cache-dir", str(o.cache_dir),
                     "--address", o.address, "--audio", o.audio,
                     *(["--record"] if o.record else []),
@@ -236,7 +253,10 @@ class Bench:
             await asyncio.sleep(0.5)
             with contextlib.suppress(Exception):  # the status page is busy: next time
                 status = await aut.status_async()
-                into.append(max(w["loop_lag_p99_ms"] for w in status["workers"]))
+                lags = [w["loop_lag_p99_ms"] for w in status["workers"]
+                        if w.get("loop_lag_p99_ms") is not None]
+                if lags:
+                    into.append(max(lags))
 
     async def idle(self, procs: measure.Processes, aut: ApplianceUnderTest) -> dict[str, Any]:
         await asyncio.sleep(1.0)
@@ -291,7 +311,10 @@ class Bench:
         while (now := time.monotonic()) < start + o.hold:
             await asyncio.sleep(min(1.0, start + o.hold - now))
             status = await aut.status_async()
-            lag_seen.append(max(w["loop_lag_p99_ms"] for w in status["workers"]))
+            lags = [w["loop_lag_p99_ms"] for w in status["workers"]
+                    if w.get("loop_lag_p99_ms") is not None]
+            if lags:
+                lag_seen.append(max(lags))
             if time.monotonic() >= next_progress and time.monotonic() < start + o.hold - 1:
                 next_progress += PROGRESS_EVERY
                 mid = await measure.take(procs, aut, reset_generator_lag=False)
@@ -322,7 +345,9 @@ def progress_line(fig: dict[str, Any], elapsed: float, hold: float) -> str:
     fps = [fig["media"][k]["frames_per_s_per_stream"] for k in ("user_video", "agent_video")]
     return (f"t={elapsed:4.0f}/{hold:.0f} s  calls up {fig['calls_measured']:>3}  "
             f"loss {loss}  worker {w['cores']:.3f} cores ({100 * w['cpu_per_call']:.2f} %/call)"
-            f"  lag p50/p99 {w['loop_lag_p50_ms']:.1f}/{w['loop_lag_p99_ms']:.1f} ms  "
+            + (f"  lag p50/p99 {w['loop_lag_p50_ms']:.1f}/{w['loop_lag_p99_ms']:.1f} ms  "
+               if w["loop_lag_p99_ms"] is not None else "  ")
+            +
             f"video fps {'/'.join('-' if f is None else f'{f:.0f}' for f in fps)}  "
             f"generator {g['cores']:.2f} cores")
 

@@ -85,6 +85,48 @@ def appliance_sections(relay: str, workdir: Path, workers: int, max_calls: int, 
     }
 
 
+class JanusUnderTest:
+    """Janus (bench.janus) in the appliance's place, as the runner and `measure` read it:
+    one "worker", the janus process pinned to the worker cores; no supervisor, no event
+    loop to lag (None), no packet counters of ours."""
+
+    def __init__(self, server: Any, cores: list[int]) -> None:
+        self.server = server
+        self.cores = cores
+        self.sections: dict[str, Any] = {"janus": {"version": "1.1.2 (Debian)",
+                                                   "cores": cores,
+                                                   "http_port": server.http_port}}
+
+    @classmethod
+    async def start(cls, workdir: Path, cores: list[int]) -> JanusUnderTest:
+        from bench import janus
+
+        base = free_udp_ports(1)
+        server = await janus.JanusServer.start(workdir, cores, free_port(),
+                                               (base, min(65535, base + 1999)))
+        return cls(server, cores)
+
+    @property
+    def pid(self) -> int:
+        return -1  # no supervisor process: Janus is the one "worker"
+
+    @property
+    def url(self) -> str:
+        return str(self.server.url)
+
+    async def status_async(self) -> dict[str, Any]:
+        return {"workers": [{"index": 0, "pid": self.server.pid, "core": self.cores[0],
+                             "loop_lag_p50_ms": None, "loop_lag_p99_ms": None,
+                             "packets_received": None, "packets_sent": None,
+                             "decoders_created": None}]}
+
+    def log_tail(self, chars: int = 3000) -> str:
+        return str(self.server.log_tail(chars))
+
+    async def stop(self) -> None:
+        await self.server.stop()
+
+
 async def start_appliance(relay: str, workdir: Path, workers: int, max_calls: int,
                           aps_url: str, sip_proxy: str, address: str,
                           cores: Collection[int]) -> ApplianceUnderTest:

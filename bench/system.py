@@ -86,6 +86,8 @@ def cpu_seconds(pids: Iterable[int]) -> float:
     """user + system CPU seconds of these processes (threads included)."""
     total = 0.0
     for pid in pids:
+        if pid <= 0:  # no such process (the Janus phase has no supervisor)
+            continue
         try:
             times = psutil.Process(pid).cpu_times()
         except psutil.Error:

@@ -36,7 +36,7 @@ class WorkersConfig(msgspec.Struct, forbid_unknown_fields=True):
     count: int = 0  # 0: one media worker per CPU core this process may run on
     # An upper bound; the load admits (a worker whose loop lags gets no new calls: admin.
     # degraded_lag_ms). 300 channels = 150 full calls (customer + agent): the bench observed
-    # 160 full calls per worker core on a 2-core EPYC VM with the native loop (2026-12-02,
+    # 160 full calls per worker core on a 2-core Xeon VM with the native loop (2026-12-02,
     # docs/capacity.md); each call also takes 2 RTP ports of sip.rtp_port_min..max.
     channels_per_worker: int = 300
     restart_delay: float = 0.2  # seconds before a dead worker is started again

@@ -137,7 +137,7 @@ def test_short_bench_run_reports_real_figures(tmp_path: Path) -> None:
     run = subprocess.run(
         [sys.executable, "-m", "bench", "run", "--steps", "1,2", "--hold", "4",
          "--settle", "2", "--idle", "1", "--stop-after-failures", "9",
-         "--transports", "udp,tcp", "--results-dir", str(out)],
+         "--transports", "udp,tcp", "--no-janus", "--results-dir", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=280)
     elapsed = time.monotonic() - started
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
@@ -196,6 +196,35 @@ def test_short_bench_run_reports_real_figures(tmp_path: Path) -> None:
     assert "calls per core" in summary and "baseline" in summary
     assert "Ours over ICE-TCP against ours over UDP" in summary
     print(f"bench run took {elapsed:.0f} s")
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.skipif(shutil.which("sipp") is None, reason="sipp not installed")
+def test_the_janus_phase_places_the_same_calls_and_compares(tmp_path: Path) -> None:
+    from bench import janus
+
+    if not janus.INSTALLED:
+        pytest.skip(janus.WHY_NOT)
+    if not system.loopback_only():
+        pytest.fail("run in the loopback-only namespace: tests/in-loopback-netns.sh ...")
+    out = tmp_path / "results"
+    run = subprocess.run(
+        [sys.executable, "-m", "bench", "run", "--steps", "1,2", "--hold", "3",
+         "--settle", "1", "--idle", "1", "--no-baseline", "--results-dir", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["phases"]) == {"packet", "janus"}
+    for step in report["phases"]["janus"]["steps"]:
+        assert step["failed_calls"] == 0, step["failures"]
+        assert step["worker"]["cores"] > 0  # the janus process, pinned to the worker core
+        assert step["worker"]["loop_lag_p99_ms"] is None  # no event loop to lag
+        for kind, media in step["media"].items():  # echoed video x2, the desk phone's voice
+            assert media["packets"] > 0 and media["streams"] == step["calls"], kind
+    comparison = report["janus_comparison"]
+    assert comparison["cpu_per_call_ratio"] > 0 and comparison["cpu_compared_at_calls"] == 2
+    summary = (out / "summary.md").read_text()
+    assert "Ours against Janus 1.1.2" in summary and "ours / Janus" in summary
 
 
 @pytest.mark.skipif(not native.AVAILABLE, reason=native.WHY_NOT)
