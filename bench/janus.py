@@ -127,7 +127,7 @@ async def ensure_ice_interface(name: str = ICE_INTERFACE) -> bool:
     this raises rather than change the machine's network. Needs CAP_NET_ADMIN there (the
     script runs as root).
     """
-    if Path(f"/sys/class/net/{name}").exists():
+    if await link_exists(name):
         return False
     if not system.loopback_only():
         raise RuntimeError(
@@ -148,8 +148,15 @@ async def ensure_ice_interface(name: str = ICE_INTERFACE) -> bool:
     return True
 
 
+async def link_exists(name: str) -> bool:
+    """Whether this network namespace has the device. Not /sys/class/net: `unshare -n`
+    does not remount sysfs, which then still shows the namespace it was mounted in."""
+    code, _ = await _ip("link", "show", "dev", name)
+    return code == 0
+
+
 async def remove_ice_interface(name: str = ICE_INTERFACE) -> None:
-    if Path(f"/sys/class/net/{name}").exists():
+    if await link_exists(name):
         await _ip("link", "del", name)
 
 
