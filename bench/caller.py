@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import random
@@ -126,69 +127,56 @@ class Leg:
         audio_pt = pts.get("audio", {}).get(self.media.audio_codec)
         video_pt = pts.get("video", {}).get("VP8")
         self.fast = SrtpFastPath(pc, self._on_rtp, self._on_rtcp)
-        if self.use_native:
-            self._attach_native(audio_pt, video_pt)
-        if self.native is None:
-            self._attach_python(audio_pt, video_pt)
-        for stream in self.tx:
-            self.pacer.add(stream)
-        self.connected.set()
-
-    def _attach_python(self, audio_pt: int | None, video_pt: int | None) -> None:
-        assert self.fast is not None
-        pc = self.call.pc
-        if audio_pt is not None:
-            self.rx[audio_pt] = self.rx_by_kind["audio"] = RxStream(self.media.audio_clock)
-        if video_pt is not None:
-            self.rx[video_pt] = self.rx_by_kind["video"] = RxStream(VIDEO_CLOCK)
+        native_leg = self._attach_native(audio_pt, video_pt) if self.use_native else None
+        make_audio: Callable[..., Any]
+        make_video: Callable[..., Any]
+        if native_leg is not None:  # the same streams, sent by the native loop
+            where = (native_leg.tx, native_leg.sock, native_leg.remote)
+            make_audio = functools.partial(audio_playout, *where)
+            make_video = functools.partial(video_playout, *where)
+        else:
+            if audio_pt is not None:
+                self.rx[audio_pt] = self.rx_by_kind["audio"] = RxStream(self.media.audio_clock)
+            if video_pt is not None:
+                self.rx[video_pt] = self.rx_by_kind["video"] = RxStream(VIDEO_CLOCK)
+            make_audio = functools.partial(TxAudio, self.fast.send_rtp)
+            make_video = functools.partial(TxVideo, self.fast.send_rtp)
         now = asyncio.get_running_loop().time()
         # A random phase per stream spreads the calls' packets over the pacer's ticks.
         if "audio" in self.send_kinds and audio_pt is not None:
             clock = self.media.audio_clock
-            self.tx.append(TxAudio(self.fast.send_rtp, sender_ssrc(pc, "audio"), audio_pt,
-                                   self.media.audio, clock // 50, now + self.rng.random() * 0.02,
-                                   self.rng))
-        if "video" in self.send_kinds and video_pt is not None:
-            clip = self.media.clip
-            self.video_tx = TxVideo(self.fast.send_rtp, sender_ssrc(pc, "video"), video_pt,
-                                    clip.frames, clip.params.fps,
-                                    now + self.rng.random() / clip.params.fps, self.rng)
-            self.tx.append(self.video_tx)
-
-    def _attach_native(self, audio_pt: int | None, video_pt: int | None) -> None:
-        """The same streams as _attach_python, drawn from the same random numbers, on the
-        native loop; nothing when the leg's pair is not one of aioice's UDP sockets."""
-        assert self.fast is not None
-        pc = self.call.pc
-        meters: dict[int, MeterStream] = {}
-        if audio_pt is not None:
-            meters[audio_pt] = MeterStream(self.media.audio_clock, is_vp8=False)
-        if video_pt is not None:
-            meters[video_pt] = MeterStream(VIDEO_CLOCK, is_vp8=True)
-        try:
-            leg = NativeLegMedia(pc, self.fast, meters)
-        except ValueError as exc:
-            log.info("leg %s: media in Python: %s", self.call.channel, exc)
-            return  # ICE-TCP: the Python streams
-        self.native = leg
-        if audio_pt is not None:
-            self.rx_by_kind["audio"] = meters[audio_pt]
-        if video_pt is not None:
-            self.rx_by_kind["video"] = meters[video_pt]
-        now = asyncio.get_running_loop().time()
-        if "audio" in self.send_kinds and audio_pt is not None:
-            clock = self.media.audio_clock
             start = now + self.rng.random() * 0.02
-            self.tx.append(audio_playout(leg.tx, leg.sock, leg.remote, sender_ssrc(pc, "audio"),
-                                         audio_pt, self.media.audio, clock // 50, start,
-                                         self.rng))
+            self.tx.append(make_audio(sender_ssrc(pc, "audio"), audio_pt, self.media.audio,
+                                      clock // 50, start, self.rng))
         if "video" in self.send_kinds and video_pt is not None:
             clip = self.media.clip
             start = now + self.rng.random() / clip.params.fps
-            self.video_tx = video_playout(leg.tx, leg.sock, leg.remote,
-                                          sender_ssrc(pc, "video"), video_pt, clip.frames,
-                                          clip.params.fps, start, self.rng)
+            self.video_tx = make_video(sender_ssrc(pc, "video"), video_pt, clip.frames,
+                                       clip.params.fps, start, self.rng)
             self.tx.append(self.video_tx)
+        for stream in self.tx:
+            self.pacer.add(stream)
+        self.connected.set()
+
+    def _attach_native(self, audio_pt: int | None,
+                       video_pt: int | None) -> NativeLegMedia | None:
+        """The leg's socket on the native loop, metering what comes back; None when the
+        leg's pair is not one of aioice's UDP sockets (ICE-TCP: the Python streams)."""
+        assert self.fast is not None
+        meters: dict[str, tuple[int, MeterStream]] = {}
+        if audio_pt is not None:
+            meters["audio"] = (audio_pt, MeterStream(self.media.audio_clock, is_vp8=False))
+        if video_pt is not None:
+            meters["video"] = (video_pt, MeterStream(VIDEO_CLOCK, is_vp8=True))
+        try:
+            leg = NativeLegMedia(self.call.pc, self.fast, dict(meters.values()))
+        except ValueError as exc:
+            log.info("leg %s: media in Python: %s", self.call.channel, exc)
+            return None
+        self.native = leg
+        for kind, (_, stream) in meters.items():
+            self.rx_by_kind[kind] = stream
+        return leg
 
     def _on_rtp(self, packet: bytes) -> None:
         stream = self.rx.get(packet[1] & 0x7F)

@@ -1098,6 +1098,34 @@ static PyObject *PortLoop_remove_flow(PortLoopObject *self, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
+/* A new route for payload type `pt` on flow `id` (not linked yet: *flow is where it goes),
+   metered by `meter`, sending from the loop's socket; NULL with an exception if the flow
+   is unknown or already routes that type. */
+static route_t *route_alloc(PortLoopObject *self, long id, int pt, PyObject *meter,
+                            flow_t **flow) {
+    flow_t *f = flow_by_id(self, id);
+    if (f == NULL)
+        return NULL;
+    for (route_t *r = f->routes; r != NULL; r = r->next)
+        if (r->payload_type == pt) {
+            PyErr_SetString(PyExc_ValueError, "that payload type is routed already");
+            return NULL;
+        }
+    route_t *r = PyMem_Calloc(1, sizeof *r);
+    if (r == NULL) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    r->payload_type = pt;
+    r->fd = self->fd;
+    for (int i = 0; i < NACK_SLOTS; i++)
+        r->cache_seq[i] = -1;
+    Py_INCREF(meter);
+    r->meter = meter;
+    *flow = f;
+    return r;
+}
+
 static PyObject *PortLoop_add_route(PortLoopObject *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"flow", "payload_type", "meter", "rewriter", "out_payload_type",
                              "tx", "host", "port", "abs_send_time_id", "voice", "sound_check",
@@ -1122,32 +1150,22 @@ static PyObject *PortLoop_add_route(PortLoopObject *self, PyObject *args, PyObje
         PyErr_SetString(PyExc_ValueError, "fd must be a socket's file descriptor");
         return NULL;
     }
-    flow_t *f = flow_by_id(self, id);
-    if (f == NULL)
-        return NULL;
-    for (route_t *r = f->routes; r != NULL; r = r->next)
-        if (r->payload_type == pt) {
-            PyErr_SetString(PyExc_ValueError, "that payload type is routed already");
-            return NULL;
-        }
-    route_t *r = PyMem_Calloc(1, sizeof *r);
+    flow_t *f;
+    route_t *r = route_alloc(self, id, pt, meter, &f);
     if (r == NULL)
-        return PyErr_NoMemory();
+        return NULL;
     if (endpoint_from(host, port, &r->dest) < 0) {
-        PyMem_Free(r);
+        route_free(r);
         return NULL;
     }
-    r->payload_type = pt;
     r->out_payload_type = out_pt;
     r->ext_id = ext_id;
     r->voice = voice;
     r->sound_check = sound_check;
-    r->fd = fd >= 0 ? fd : self->fd;
+    if (fd >= 0)
+        r->fd = fd;
     r->spurts.max_step = ((MeterObject *)meter)->m.clock_rate * 120 / 1000;
     r->await_keyframe = voice ? 0 : 1;  /* a receiver can use deltas only after a keyframe */
-    for (int i = 0; i < NACK_SLOTS; i++)
-        r->cache_seq[i] = -1;
-    Py_INCREF(meter); r->meter = meter;
     Py_INCREF(rewriter); r->rewriter = rewriter;
     if (tx != Py_None) {
         Py_INCREF(tx);
@@ -1170,24 +1188,11 @@ static PyObject *PortLoop_add_sink(PortLoopObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "payload type 0..127");
         return NULL;
     }
-    flow_t *f = flow_by_id(self, id);
-    if (f == NULL)
-        return NULL;
-    for (route_t *r = f->routes; r != NULL; r = r->next)
-        if (r->payload_type == pt) {
-            PyErr_SetString(PyExc_ValueError, "that payload type is routed already");
-            return NULL;
-        }
-    route_t *r = PyMem_Calloc(1, sizeof *r);
+    flow_t *f;
+    route_t *r = route_alloc(self, id, pt, meter, &f);
     if (r == NULL)
-        return PyErr_NoMemory();
-    r->payload_type = pt;
+        return NULL;
     r->sink = 1;
-    r->fd = self->fd;
-    for (int i = 0; i < NACK_SLOTS; i++)
-        r->cache_seq[i] = -1;
-    Py_INCREF(meter);
-    r->meter = meter;
     r->next = f->routes;
     f->routes = r;
     Py_RETURN_NONE;
